@@ -1,0 +1,72 @@
+# proactor: set-up, test and run targets.  `make test` works on a fresh
+# Debian/Ubuntu machine: it installs what's missing, creates .venv, then runs pytest.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+HOST       ?= 127.0.0.1
+PORT       ?= 8000
+PYTEST_ARGS ?=
+URING_H    ?= /usr/include/liburing.h
+
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Empty when root, sudo otherwise.
+SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+
+# Anything that changes the build of the package or its extension.
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard _build/*.py _build/*.c _build/*.h)
+
+.PHONY: all deps venv .venv run test bench-deps lint clean
+
+all: test
+
+# System packages: apt-get update comes first (a fresh machine may have no package lists).
+deps:
+	@need=""; \
+	[ -f $(URING_H) ] || need="$$need liburing-dev"; \
+	command -v cc >/dev/null 2>&1 || need="$$need gcc libc6-dev"; \
+	command -v taskset >/dev/null 2>&1 || need="$$need util-linux"; \
+	command -v curl >/dev/null 2>&1 || need="$$need curl"; \
+	if [ -n "$$need" ]; then \
+	    echo "deps: installing$$need"; \
+	    $(SUDO) apt-get update && $(APT_INSTALL) $$need; \
+	else \
+	    echo "deps: liburing-dev, cc, taskset, curl present"; \
+	fi
+
+venv .venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Editable install; with cffi_modules it also builds proactor/_uring_cffi*.so in place.
+# `deps` is order-only: it runs first but does not force a re-install.
+$(STAMP): $(BUILD_INPUTS) | deps $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+$(VENV)/.installed-dev: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: deps $(STAMP)
+	$(PY) examples/echo_server.py --host $(HOST) $(PORT)
+
+# pytest's exit code is passed through as is (5 = no tests collected).
+test: deps $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-deps: $(VENV)/.installed-bench
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build dist *.egg-info proactor/_uring_cffi* $(VENV) .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

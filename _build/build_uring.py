@@ -1,0 +1,1064 @@
+"""cffi build script for ``proactor._uring_cffi`` (out-of-line API mode).
+
+liburing's ``io_uring_prep_*`` helpers are ``static inline``, so ABI mode cannot reach
+them: this module compiles a small C layer against liburing's headers and links Debian's
+``liburing.a`` statically, so an installed package needs no liburing at run time.
+
+The C layer (``px_*``) owns everything that happens once per completion:
+
+* the submission side: one ``io_uring_enter`` per loop turn (``px_reap``);
+* the connection table: multishot accept, multishot recv into the provided-buffer ring
+  (the memory pool for socket buffers), the per-socket send queue (one send in flight,
+  short sends continued, queued chunks gathered into one ``sendmsg``), close after the
+  last in-flight operation has completed;
+* the generic-operation table for file and socket operations submitted from Python,
+  with their optional linked timeouts.
+
+Python is handed only the completions a user must see, as an array of ``px_event``
+records, once per batch. liburing 2.3 lacks ``io_uring_setup_buf_ring``: the buffer ring
+is mapped here and registered with ``io_uring_register_buf_ring``.
+"""
+from __future__ import annotations
+
+import os
+
+from cffi import FFI
+
+CDEF = r"""
+/* ---- events handed to Python, one record per user-visible completion ---- */
+struct px_event { int64_t type; int64_t id; int64_t res; int64_t aux; };
+
+#define PX_EV_ACCEPT ...   /* id=listener slot, res=new fd or -errno             */
+#define PX_EV_DATA ...     /* id=conn slot, res=nbytes, aux=offset in the pool   */
+#define PX_EV_EOF ...      /* id=conn slot, res=0 (peer closed) or -errno (recv)  */
+#define PX_EV_CLOSED ...   /* id=slot, res=0 or first -errno, aux=op kind of it   */
+#define PX_EV_OP ...       /* id=op index, res=cqe res, aux=cqe flags             */
+#define PX_EV_WAKE ...     /* the wakeup pipe was written to                     */
+#define PX_EV_DRAINED ...  /* id=conn slot: its send queue became empty          */
+
+#define PX_K_ACCEPT ...
+#define PX_K_RECV ...
+#define PX_K_SEND ...
+#define PX_K_OP ...
+
+struct px_stats {
+    uint64_t submitted; uint64_t completed; int64_t inflight;
+    uint64_t bytes_in; uint64_t bytes_out;
+    int64_t bufs_out; int64_t conns; int64_t send_queued;
+    int64_t ops; uint64_t cq_overflow; uint64_t enobufs;
+};
+
+struct px_ring;
+
+int px_setup(struct px_ring **out, unsigned entries, unsigned cq_entries, unsigned flags,
+             unsigned *used_flags, unsigned *features);
+int px_setup_bufring(struct px_ring *r, char *base, unsigned nbufs, unsigned bufsize);
+int px_set_wakeup(struct px_ring *r, int fd);
+int px_stop_wakeup(struct px_ring *r);
+void px_destroy(struct px_ring *r);
+int px_inflight(struct px_ring *r);
+struct px_stats *px_get_stats(struct px_ring *r);
+int px_max_events(struct px_ring *r);
+struct px_event *px_events(struct px_ring *r);
+int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns);
+int px_opcode_supported(struct px_ring *r, int op);
+
+/* connections and listeners */
+int px_listen(struct px_ring *r, int fd);
+int px_conn_new(struct px_ring *r, int fd, int read);
+uint32_t px_conn_gen(struct px_ring *r, int slot);
+int px_conn_fd(struct px_ring *r, int slot);
+int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t len);
+int px_close(struct px_ring *r, int slot, uint32_t gen, int abort);
+int px_pause_reading(struct px_ring *r, int slot, uint32_t gen);
+int px_resume_reading(struct px_ring *r, int slot, uint32_t gen);
+int64_t px_send_queued(struct px_ring *r, int slot, uint32_t gen);
+int px_want_drain(struct px_ring *r, int slot, uint32_t gen);
+int px_rearm_accept(struct px_ring *r, int slot);
+
+/* generic operations: allocate a record, prep into it, final CQE frees it */
+int px_op_read(struct px_ring *r, int fd, char *buf, unsigned len, uint64_t off, int64_t tmo_ns);
+int px_op_write(struct px_ring *r, int fd, const char *buf, unsigned len, uint64_t off,
+                int64_t tmo_ns);
+int px_op_read_fixed(struct px_ring *r, int fd, char *buf, unsigned len, uint64_t off,
+                     int index, int64_t tmo_ns);
+int px_op_write_fixed(struct px_ring *r, int fd, const char *buf, unsigned len, uint64_t off,
+                      int index, int64_t tmo_ns);
+int px_op_send(struct px_ring *r, int fd, const char *buf, unsigned len, int flags,
+               int64_t tmo_ns);
+int px_op_recv(struct px_ring *r, int fd, char *buf, unsigned len, int flags, int64_t tmo_ns);
+int px_op_writev(struct px_ring *r, int fd, char **bufs, size_t *lens, int n, uint64_t off,
+                 int64_t tmo_ns);
+int px_op_sendmsg(struct px_ring *r, int fd, char **bufs, size_t *lens, int n, int flags,
+                  int64_t tmo_ns);
+int px_op_connect(struct px_ring *r, int fd, const char *addr, unsigned addrlen, int64_t tmo_ns);
+int px_op_accept(struct px_ring *r, int fd, int64_t tmo_ns);
+int px_op_openat(struct px_ring *r, int dfd, const char *path, int flags, unsigned mode,
+                 int64_t tmo_ns);
+int px_op_close(struct px_ring *r, int fd);
+int px_op_timeout(struct px_ring *r, int64_t ns);
+int px_op_poll(struct px_ring *r, int fd, unsigned mask, int64_t tmo_ns);
+int px_op_nop(struct px_ring *r);
+int px_op_cancel(struct px_ring *r, int index);
+int px_cancel_fd(struct px_ring *r, int fd);
+int px_register_buffers(struct px_ring *r, char **bufs, size_t *lens, int n);
+int px_unregister_buffers(struct px_ring *r);
+"""
+
+SOURCE = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <liburing.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/*
+ * user_data layout: kind in the top 8 bits, the slot or op index in the low 32.
+ * Every SQE we submit counts in `inflight` until its final CQE (for multishot
+ * requests: the CQE without IORING_CQE_F_MORE) has been seen.
+ */
+#define PX_K_ACCEPT 1
+#define PX_K_RECV 2
+#define PX_K_SEND 3
+#define PX_K_OP 4
+#define PX_K_LINK 5     /* linked timeout attached to an op */
+#define PX_K_CANCEL 6   /* our own cancel requests */
+#define PX_K_WAKE 7     /* read on the wakeup pipe */
+#define UD(kind, idx) (((uint64_t)(kind) << 56) | (uint32_t)(idx))
+#define UD_KIND(ud) ((int)((ud) >> 56))
+#define UD_IDX(ud) ((int)(uint32_t)(ud))
+
+#define PX_EV_ACCEPT 1
+#define PX_EV_DATA 2
+#define PX_EV_EOF 3
+#define PX_EV_CLOSED 4
+#define PX_EV_OP 5
+#define PX_EV_WAKE 6
+#define PX_EV_DRAINED 7
+
+#define PX_BGID 0
+#define PX_IOV_MAX 64
+#define PX_MAX_EVENTS 4096
+
+struct px_event { int64_t type; int64_t id; int64_t res; int64_t aux; };
+
+struct px_stats {
+    uint64_t submitted; uint64_t completed; int64_t inflight;
+    uint64_t bytes_in; uint64_t bytes_out;
+    int64_t bufs_out; int64_t conns; int64_t send_queued;
+    int64_t ops; uint64_t cq_overflow; uint64_t enobufs;
+};
+
+/* One queued send: the bytes are copied in, so the caller's object is free at once;
+ * the chunk itself is freed only after the send CQE that covered its last byte. */
+struct px_chunk { struct px_chunk *next; size_t len; size_t off; char data[]; };
+
+enum {
+    C_USED = 1, C_LISTENER = 2, C_READ = 4,     /* C_READ: recv wanted (not paused) */
+    C_RECV_ARMED = 8, C_SENDING = 16, C_CLOSING = 32, C_ABORT = 64, C_EOF = 128,
+    C_ENOBUFS = 256, C_DRAIN = 512, C_CANCEL_SENT = 1024,
+};
+
+struct px_conn {
+    int fd;
+    uint32_t gen;          /* bumped each time the slot is reused */
+    uint32_t flags;
+    int inflight;          /* this slot's requests still in the kernel */
+    int err; int err_kind; /* first error seen, reported with PX_EV_CLOSED */
+    struct px_chunk *head, *tail;
+    size_t queued;         /* bytes queued, including the part in flight */
+    int nsend;             /* chunks covered by the send in flight */
+    int next_free;
+    struct iovec iov[PX_IOV_MAX];
+    struct msghdr msg;
+};
+
+struct px_op {
+    uint32_t gen;
+    int pending;           /* CQEs still expected: 1, or 2 with a linked timeout */
+    int next_free;
+    int cancelled;
+    struct __kernel_timespec ts, lts;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    struct msghdr msg;
+    struct iovec *iov;
+    struct iovec iov1;
+};
+
+struct px_ring {
+    struct io_uring ring;
+    struct px_stats st;
+    /* provided-buffer ring */
+    struct io_uring_buf_ring *br;
+    size_t br_size;
+    char *pool; unsigned nbufs, bufsize;
+    uint16_t *ret; unsigned nret;       /* buffers handed out this batch, returned next */
+    int *rearm; unsigned nrearm;        /* recvs stopped by ENOBUFS, re-armed next batch */
+    /* connection table */
+    struct px_conn *conns; int nconns; int conn_free;
+    /* op table */
+    struct px_op *ops; int nops; int op_free;
+    /* wakeup pipe */
+    int wake_fd; char wake_buf[64];
+    /* events for Python */
+    struct px_event ev[PX_MAX_EVENTS]; int nev;
+    struct io_uring_probe *probe;
+};
+
+/* ------------------------------------------------------------------ helpers */
+
+/* Get an SQE; when the SQ is full, submit what is there to make room. */
+static struct io_uring_sqe *px_sqe(struct px_ring *r)
+{
+    struct io_uring_sqe *s = io_uring_get_sqe(&r->ring);
+    if (!s) {
+        io_uring_submit(&r->ring);
+        s = io_uring_get_sqe(&r->ring);
+    }
+    if (s) { r->st.submitted++; r->st.inflight++; }
+    return s;
+}
+
+static void px_emit(struct px_ring *r, int type, int64_t id, int64_t res, int64_t aux)
+{
+    struct px_event *e = &r->ev[r->nev++];
+    e->type = type; e->id = id; e->res = res; e->aux = aux;
+}
+
+static int grow(void **arr, int *n, size_t elem)
+{
+    int nn = *n ? *n * 2 : 256;
+    void *p = realloc(*arr, (size_t)nn * elem);
+    if (!p) return -ENOMEM;
+    memset((char *)p + (size_t)*n * elem, 0, (size_t)(nn - *n) * elem);
+    *arr = p; *n = nn;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ ring setup */
+
+int px_setup(struct px_ring **out, unsigned entries, unsigned cq_entries, unsigned flags,
+             unsigned *used_flags, unsigned *features)
+{
+    struct px_ring *r = calloc(1, sizeof *r);
+    if (!r) return -ENOMEM;
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    p.flags = flags | IORING_SETUP_CQSIZE;
+    p.cq_entries = cq_entries;
+    int ret = io_uring_queue_init_params(entries, &r->ring, &p);
+    if (ret < 0) { free(r); return ret; }
+    *used_flags = p.flags;
+    *features = p.features;
+    io_uring_register_ring_fd(&r->ring);   /* optional: saves an fd lookup per enter */
+    r->probe = io_uring_get_probe_ring(&r->ring);
+    r->conn_free = -1; r->op_free = -1; r->wake_fd = -1;
+    *out = r;
+    return 0;
+}
+
+int px_opcode_supported(struct px_ring *r, int op)
+{
+    return r->probe ? io_uring_opcode_supported(r->probe, op) : 0;
+}
+
+/* Register `nbufs` buffers of `bufsize` bytes at `base` (memory the caller keeps
+ * alive for the ring's lifetime) as provided-buffer group PX_BGID. */
+int px_setup_bufring(struct px_ring *r, char *base, unsigned nbufs, unsigned bufsize)
+{
+    if (nbufs == 0 || (nbufs & (nbufs - 1)) || nbufs > 32768) return -EINVAL;
+    size_t size = (size_t)nbufs * sizeof(struct io_uring_buf);
+    void *br = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (br == MAP_FAILED) return -errno;
+    io_uring_buf_ring_init(br);
+    struct io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof reg);
+    reg.ring_addr = (unsigned long)br;
+    reg.ring_entries = nbufs;
+    reg.bgid = PX_BGID;
+    int ret = io_uring_register_buf_ring(&r->ring, &reg, 0);
+    if (ret < 0) { munmap(br, size); return ret; }
+    r->ret = calloc(nbufs, sizeof *r->ret);
+    r->rearm = NULL;
+    if (!r->ret) { io_uring_unregister_buf_ring(&r->ring, PX_BGID); munmap(br, size); return -ENOMEM; }
+    r->br = br; r->br_size = size; r->pool = base; r->nbufs = nbufs; r->bufsize = bufsize;
+    int mask = io_uring_buf_ring_mask(nbufs);
+    for (unsigned i = 0; i < nbufs; i++)
+        io_uring_buf_ring_add(br, base + (size_t)i * bufsize, bufsize, i, mask, i);
+    io_uring_buf_ring_advance(br, nbufs);
+    return 0;
+}
+
+/* Keep a read armed on `fd` (the read end of a non-blocking pipe): writing a byte to
+ * the other end from any thread or a signal handler ends the ring's wait. */
+static void px_arm_wake(struct px_ring *r)
+{
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return;
+    io_uring_prep_read(s, r->wake_fd, r->wake_buf, sizeof r->wake_buf, 0);
+    io_uring_sqe_set_data64(s, UD(PX_K_WAKE, 0));
+}
+
+/* Stop re-arming the wakeup read and cancel the one in flight (at shutdown). */
+int px_stop_wakeup(struct px_ring *r)
+{
+    if (r->wake_fd < 0) return 0;
+    r->wake_fd = -1;
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return -EBUSY;
+    io_uring_prep_cancel64(s, UD(PX_K_WAKE, 0), 0);
+    io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, 0xffffffffu));
+    return 0;
+}
+
+int px_set_wakeup(struct px_ring *r, int fd)
+{
+    r->wake_fd = fd;
+    px_arm_wake(r);
+    return 0;
+}
+
+/* Free what the ring owns. Must only be called once px_inflight() is 0: a buffer or
+ * op record still referenced by the kernel is never freed (the caller leaks instead). */
+void px_destroy(struct px_ring *r)
+{
+    io_uring_queue_exit(&r->ring);
+    if (r->br) munmap(r->br, r->br_size);
+    for (int i = 0; i < r->nconns; i++) {
+        struct px_chunk *c = r->conns[i].head;
+        while (c) { struct px_chunk *n = c->next; free(c); c = n; }
+    }
+    for (int i = 0; i < r->nops; i++) free(r->ops[i].iov);
+    if (r->probe) io_uring_free_probe(r->probe);
+    free(r->conns); free(r->ops); free(r->ret); free(r->rearm); free(r);
+}
+
+int px_inflight(struct px_ring *r) { return (int)r->st.inflight; }
+struct px_stats *px_get_stats(struct px_ring *r) { return &r->st; }
+int px_max_events(struct px_ring *r) { (void)r; return PX_MAX_EVENTS; }
+struct px_event *px_events(struct px_ring *r) { return r->ev; }
+
+/* ------------------------------------------------------------------ connections */
+
+static int conn_alloc(struct px_ring *r, int fd, uint32_t flags)
+{
+    if (r->conn_free < 0) {
+        int old = r->nconns;
+        int *dummy = NULL; (void)dummy;
+        if (grow((void **)&r->conns, &r->nconns, sizeof *r->conns)) return -ENOMEM;
+        for (int i = r->nconns - 1; i >= old; i--) {
+            r->conns[i].next_free = r->conn_free;
+            r->conn_free = i;
+        }
+        int *re = realloc(r->rearm, (size_t)r->nconns * sizeof(int));
+        if (!re) return -ENOMEM;
+        r->rearm = re;
+    }
+    int slot = r->conn_free;
+    struct px_conn *c = &r->conns[slot];
+    r->conn_free = c->next_free;
+    uint32_t gen = c->gen + 1;
+    memset(c, 0, sizeof *c);
+    c->gen = gen; c->fd = fd; c->flags = C_USED | flags;
+    r->st.conns++;
+    return slot;
+}
+
+static struct px_conn *conn_get(struct px_ring *r, int slot, uint32_t gen)
+{
+    if (slot < 0 || slot >= r->nconns) return NULL;
+    struct px_conn *c = &r->conns[slot];
+    if (!(c->flags & C_USED) || c->gen != gen) return NULL;
+    return c;
+}
+
+uint32_t px_conn_gen(struct px_ring *r, int slot) { return r->conns[slot].gen; }
+int px_conn_fd(struct px_ring *r, int slot) { return r->conns[slot].fd; }
+
+static void arm_recv(struct px_ring *r, int slot)
+{
+    struct px_conn *c = &r->conns[slot];
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return;
+    io_uring_prep_recv_multishot(s, c->fd, NULL, 0, 0);
+    s->flags |= IOSQE_BUFFER_SELECT;
+    s->buf_group = PX_BGID;
+    io_uring_sqe_set_data64(s, UD(PX_K_RECV, slot));
+    c->flags |= C_RECV_ARMED;
+    c->inflight++;
+}
+
+static void arm_accept(struct px_ring *r, int slot)
+{
+    struct px_conn *c = &r->conns[slot];
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return;
+    io_uring_prep_multishot_accept(s, c->fd, NULL, NULL, SOCK_CLOEXEC);
+    io_uring_sqe_set_data64(s, UD(PX_K_ACCEPT, slot));
+    c->flags |= C_RECV_ARMED;
+    c->inflight++;
+}
+
+static void cancel_recv(struct px_ring *r, int slot);
+
+/* Ask the kernel to cancel every request on this connection's fd. Completions still
+ * arrive (with -ECANCELED or their real result); the slot closes after the last one. */
+static void cancel_conn(struct px_ring *r, int slot)
+{
+    struct px_conn *c = &r->conns[slot];
+    if (c->flags & C_CANCEL_SENT) return;
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return;
+    io_uring_prep_cancel_fd(s, c->fd, IORING_ASYNC_CANCEL_ALL);
+    io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, slot));
+    c->flags |= C_CANCEL_SENT;
+    c->inflight++;
+}
+
+int px_listen(struct px_ring *r, int fd)
+{
+    int slot = conn_alloc(r, fd, C_LISTENER | C_READ);
+    if (slot >= 0) arm_accept(r, slot);
+    return slot;
+}
+
+int px_rearm_accept(struct px_ring *r, int slot)
+{
+    struct px_conn *c = &r->conns[slot];
+    if ((c->flags & (C_CLOSING | C_RECV_ARMED)) || !(c->flags & C_LISTENER)) return 0;
+    arm_accept(r, slot);
+    return 1;
+}
+
+/* Register an accepted or connected socket; with `read`, its multishot recv is armed. */
+int px_conn_new(struct px_ring *r, int fd, int read)
+{
+    int slot = conn_alloc(r, fd, read ? C_READ : 0);
+    if (slot >= 0 && read) arm_recv(r, slot);
+    return slot;
+}
+
+/* The last request of a closing slot has completed: close the fd, free what is
+ * queued, report PX_EV_CLOSED and put the slot back on the free list. */
+static void conn_finish(struct px_ring *r, int slot)
+{
+    struct px_conn *c = &r->conns[slot];
+    close(c->fd);
+    struct px_chunk *ch = c->head;
+    while (ch) { struct px_chunk *n = ch->next; free(ch); ch = n; }
+    r->st.send_queued -= (int64_t)c->queued;
+    px_emit(r, PX_EV_CLOSED, slot, c->err, c->err_kind);
+    c->head = c->tail = NULL; c->queued = 0;
+    c->flags = 0; c->fd = -1;
+    c->next_free = r->conn_free;
+    r->conn_free = slot;
+    r->st.conns--;
+}
+
+/* Move a closing connection forward: when nothing more is to be sent (or it is an
+ * abort), cancel what is in flight; once nothing is in flight, finish it. */
+static void conn_progress_close(struct px_ring *r, int slot)
+{
+    struct px_conn *c = &r->conns[slot];
+    if (!(c->flags & C_CLOSING)) return;
+    if (!(c->flags & C_ABORT) && c->head) return;      /* still flushing */
+    if (c->inflight == 0) { conn_finish(r, slot); return; }
+    cancel_conn(r, slot);
+}
+
+/* Issue one send for the head of the queue: one chunk with send(), several gathered
+ * into one sendmsg() (at most PX_IOV_MAX). */
+static void issue_send(struct px_ring *r, int slot)
+{
+    struct px_conn *c = &r->conns[slot];
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return;
+    struct px_chunk *ch = c->head;
+    if (!ch->next) {
+        io_uring_prep_send(s, c->fd, ch->data + ch->off, ch->len - ch->off, MSG_NOSIGNAL);
+        c->nsend = 1;
+    } else {
+        int n = 0;
+        for (; ch && n < PX_IOV_MAX; ch = ch->next, n++) {
+            c->iov[n].iov_base = ch->data + ch->off;
+            c->iov[n].iov_len = ch->len - ch->off;
+        }
+        memset(&c->msg, 0, sizeof c->msg);
+        c->msg.msg_iov = c->iov;
+        c->msg.msg_iovlen = n;
+        io_uring_prep_sendmsg(s, c->fd, &c->msg, MSG_NOSIGNAL);
+        c->nsend = n;
+    }
+    io_uring_sqe_set_data64(s, UD(PX_K_SEND, slot));
+    c->flags |= C_SENDING;
+    c->inflight++;
+}
+
+/* Queue `len` bytes (copied) for sending; sends start in order, one at a time. */
+int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t len)
+{
+    struct px_conn *c = conn_get(r, slot, gen);
+    if (!c) return -EBADF;
+    if (c->flags & C_CLOSING) return -EPIPE;
+    if (c->err) return c->err;
+    if (len == 0) return 0;
+    struct px_chunk *ch = malloc(sizeof *ch + len);
+    if (!ch) return -ENOMEM;
+    memcpy(ch->data, data, len);
+    ch->len = len; ch->off = 0; ch->next = NULL;
+    if (c->tail) c->tail->next = ch; else c->head = ch;
+    c->tail = ch;
+    c->queued += len;
+    r->st.send_queued += (int64_t)len;
+    if (!(c->flags & C_SENDING)) issue_send(r, slot);
+    return 0;
+}
+
+int64_t px_send_queued(struct px_ring *r, int slot, uint32_t gen)
+{
+    struct px_conn *c = conn_get(r, slot, gen);
+    return c ? (int64_t)c->queued : -EBADF;
+}
+
+/* Report PX_EV_DRAINED once the send queue is next empty (now, if it is). */
+int px_want_drain(struct px_ring *r, int slot, uint32_t gen)
+{
+    struct px_conn *c = conn_get(r, slot, gen);
+    if (!c) return -EBADF;
+    if (!c->head) return 1;
+    c->flags |= C_DRAIN;
+    return 0;
+}
+
+/* Close: graceful (queued bytes are sent first) or abort (in-flight requests are
+ * cancelled, unsent bytes dropped). Either way the fd is closed only after the final
+ * completion of every request on it, and PX_EV_CLOSED follows. */
+int px_close(struct px_ring *r, int slot, uint32_t gen, int abort)
+{
+    struct px_conn *c = conn_get(r, slot, gen);
+    if (!c) return -EBADF;
+    if (!(c->flags & C_CLOSING)) {
+        c->flags |= C_CLOSING;
+        if (c->flags & C_READ) cancel_recv(r, slot);   /* stop reading now */
+        c->flags &= ~C_READ;
+    }
+    if (abort) c->flags |= C_ABORT;
+    conn_progress_close(r, slot);
+    return 0;
+}
+
+/* Cancel the connection's multishot recv (or accept), if one is armed. */
+static void cancel_recv(struct px_ring *r, int slot)
+{
+    struct px_conn *c = &r->conns[slot];
+    if (!(c->flags & C_RECV_ARMED)) return;
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return;
+    int kind = (c->flags & C_LISTENER) ? PX_K_ACCEPT : PX_K_RECV;
+    io_uring_prep_cancel64(s, UD(kind, slot), 0);
+    io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, slot));
+    c->inflight++;
+}
+
+int px_pause_reading(struct px_ring *r, int slot, uint32_t gen)
+{
+    struct px_conn *c = conn_get(r, slot, gen);
+    if (!c) return -EBADF;
+    if (!(c->flags & C_READ)) return 0;
+    cancel_recv(r, slot);
+    c->flags &= ~C_READ;
+    return 1;
+}
+
+int px_resume_reading(struct px_ring *r, int slot, uint32_t gen)
+{
+    struct px_conn *c = conn_get(r, slot, gen);
+    if (!c) return -EBADF;
+    if ((c->flags & (C_READ | C_CLOSING | C_EOF | C_LISTENER))) return 0;
+    c->flags |= C_READ;
+    if (!(c->flags & (C_RECV_ARMED | C_ENOBUFS))) arm_recv(r, slot);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ completions */
+
+static void record_err(struct px_conn *c, int res, int kind)
+{
+    if (!c->err) { c->err = res; c->err_kind = kind; }
+}
+
+static void on_accept(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
+{
+    struct px_conn *c = &r->conns[slot];
+    int more = cqe->flags & IORING_CQE_F_MORE;
+    if (!more) { c->flags &= ~C_RECV_ARMED; c->inflight--; }
+    if (cqe->res >= 0) {
+        if (c->flags & C_CLOSING) {
+            close(cqe->res);           /* raced with the listener's close */
+        } else {
+            int one = 1;
+            setsockopt(cqe->res, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            px_emit(r, PX_EV_ACCEPT, slot, cqe->res, 0);
+        }
+        if (!more && !(c->flags & C_CLOSING)) arm_accept(r, slot);
+    } else if (cqe->res != -ECANCELED && !(c->flags & C_CLOSING)) {
+        /* EMFILE and the like: Python decides when to re-arm (px_rearm_accept). */
+        px_emit(r, PX_EV_ACCEPT, slot, cqe->res, 0);
+    }
+    if ((c->flags & C_CLOSING) && !more) conn_progress_close(r, slot);
+}
+
+static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
+{
+    struct px_conn *c = &r->conns[slot];
+    int more = cqe->flags & IORING_CQE_F_MORE;
+    int res = cqe->res;
+    if (!more) { c->flags &= ~C_RECV_ARMED; c->inflight--; }
+    if (cqe->flags & IORING_CQE_F_BUFFER) {
+        unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+        /* The buffer goes back to the ring at the start of the next px_reap, after
+         * Python has copied the bytes out; a zero-length completion returns it too. */
+        r->ret[r->nret++] = (uint16_t)bid;
+        r->st.bufs_out++;
+        if (res > 0) {
+            r->st.bytes_in += (uint64_t)res;
+            px_emit(r, PX_EV_DATA, slot, res, (int64_t)bid * r->bufsize);
+        }
+    }
+    if (res == -ENOBUFS) {
+        /* The pool ran dry; the data stays in the socket. Re-arm once buffers are back. */
+        r->st.enobufs++;
+        if (!more && (c->flags & C_READ) && !(c->flags & C_ENOBUFS)) {
+            c->flags |= C_ENOBUFS;
+            r->rearm[r->nrearm++] = slot;
+        }
+        return;
+    }
+    if (res <= 0 && res != -ECANCELED && !(c->flags & C_EOF)) {
+        /* 0: orderly shutdown by the peer; <0: the connection failed */
+        c->flags |= C_EOF;
+        c->flags &= ~C_READ;
+        if (res < 0) record_err(c, res, PX_K_RECV);
+        px_emit(r, PX_EV_EOF, slot, res, 0);
+    }
+    /* A multishot recv ends after data too, or on our cancel (pause, close): arm a new
+     * one if reading is still wanted, e.g. resumed while the cancel was in flight. */
+    if (!more && (c->flags & C_READ) && !(c->flags & (C_RECV_ARMED | C_ENOBUFS)))
+        arm_recv(r, slot);
+    if ((c->flags & C_CLOSING) && !more) conn_progress_close(r, slot);
+}
+
+static void on_send(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
+{
+    struct px_conn *c = &r->conns[slot];
+    int res = cqe->res;
+    c->inflight--;
+    c->flags &= ~C_SENDING;
+    if (res < 0) {
+        if (res == -EINTR || res == -EAGAIN) { issue_send(r, slot); return; }
+        if (res != -ECANCELED) record_err(c, res, PX_K_SEND);
+        /* the peer is gone or we aborted: drop the rest, then close */
+        c->flags |= C_CLOSING | C_ABORT;
+        c->flags &= ~C_READ;
+        conn_progress_close(r, slot);
+        return;
+    }
+    r->st.bytes_out += (uint64_t)res;
+    c->queued -= (size_t)res;
+    r->st.send_queued -= res;
+    size_t left = (size_t)res;
+    while (left && c->head) {               /* consume fully sent chunks */
+        struct px_chunk *ch = c->head;
+        size_t avail = ch->len - ch->off;
+        if (left < avail) { ch->off += left; left = 0; break; }
+        left -= avail;
+        c->head = ch->next;
+        if (!c->head) c->tail = NULL;
+        free(ch);
+    }
+    if (c->head && !(c->flags & C_ABORT)) {
+        issue_send(r, slot);                /* short send or more queued: continue */
+        return;
+    }
+    if (!c->head && (c->flags & C_DRAIN)) {
+        c->flags &= ~C_DRAIN;
+        px_emit(r, PX_EV_DRAINED, slot, 0, 0);
+    }
+    conn_progress_close(r, slot);
+}
+
+static void op_release(struct px_ring *r, int idx)
+{
+    struct px_op *o = &r->ops[idx];
+    if (--o->pending > 0) return;
+    free(o->iov); o->iov = NULL;
+    o->next_free = r->op_free;
+    r->op_free = idx;
+    r->st.ops--;
+}
+
+/* Handle one CQE. Returns 0, or -1 when the event array is full (CQE left unseen). */
+static int px_handle(struct px_ring *r, struct io_uring_cqe *cqe)
+{
+    uint64_t ud = cqe->user_data;
+    int kind = UD_KIND(ud), idx = UD_IDX(ud);
+    /* worst case one CQE emits two events (data + eof/closed, or accept) */
+    if (r->nev + 3 > PX_MAX_EVENTS) return -1;
+    r->st.completed++;
+    if (!(cqe->flags & IORING_CQE_F_MORE)) r->st.inflight--;
+    switch (kind) {
+    case PX_K_RECV: on_recv(r, idx, cqe); break;
+    case PX_K_SEND: on_send(r, idx, cqe); break;
+    case PX_K_ACCEPT: on_accept(r, idx, cqe); break;
+    case PX_K_OP:
+        px_emit(r, PX_EV_OP, idx, cqe->res, cqe->flags);
+        op_release(r, idx);
+        break;
+    case PX_K_LINK: op_release(r, idx); break;
+    case PX_K_CANCEL:
+        if (idx >= 0 && (uint32_t)idx != 0xffffffffu && idx < r->nconns) {
+            struct px_conn *c = &r->conns[idx];
+            c->inflight--;
+            if (c->flags & C_CLOSING) conn_progress_close(r, idx);
+        }
+        break;
+    case PX_K_WAKE:
+        px_emit(r, PX_EV_WAKE, 0, cqe->res, 0);
+        if (r->wake_fd >= 0 && cqe->res > 0) px_arm_wake(r);
+        break;
+    default: break;
+    }
+    return 0;
+}
+
+/* Give back the buffers Python has copied out of, and re-arm recvs that hit ENOBUFS. */
+static void px_return_buffers(struct px_ring *r)
+{
+    if (r->nret) {
+        int mask = io_uring_buf_ring_mask(r->nbufs);
+        for (unsigned i = 0; i < r->nret; i++) {
+            unsigned bid = r->ret[i];
+            io_uring_buf_ring_add(r->br, r->pool + (size_t)bid * r->bufsize, r->bufsize,
+                                  bid, mask, i);
+        }
+        io_uring_buf_ring_advance(r->br, r->nret);
+        r->st.bufs_out -= r->nret;
+        r->nret = 0;
+    }
+    unsigned n = r->nrearm;
+    r->nrearm = 0;
+    for (unsigned i = 0; i < n; i++) {
+        int slot = r->rearm[i];
+        struct px_conn *c = &r->conns[slot];
+        c->flags &= ~C_ENOBUFS;
+        if ((c->flags & C_READ) && !(c->flags & C_RECV_ARMED)) arm_recv(r, slot);
+    }
+}
+
+/* One loop turn: return last batch's buffers, submit everything queued with a single
+ * io_uring_enter (waiting for `wait_nr` completions, at most `timeout_ns` if >= 0),
+ * then harvest completions into the event array. Returns the number of events, or
+ * -errno for a failure of io_uring_enter other than EINTR/ETIME/EBUSY. */
+int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
+{
+    int ret;
+    px_return_buffers(r);
+    r->nev = 0;
+    if (io_uring_cq_ready(&r->ring)) wait_nr = 0;     /* leftovers from a full batch */
+    if (wait_nr == 0) {
+        ret = io_uring_submit_and_get_events(&r->ring);
+    } else if (timeout_ns >= 0) {
+        struct __kernel_timespec ts;
+        struct io_uring_cqe *cqe;
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, wait_nr, &ts, NULL);
+    } else {
+        ret = io_uring_submit_and_wait(&r->ring, wait_nr);
+    }
+    if (ret < 0 && ret != -EINTR && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
+        return ret;
+    if (*r->ring.cq.koverflow) r->st.cq_overflow = *r->ring.cq.koverflow;
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe(&r->ring, head, cqe) {
+        if (px_handle(r, cqe) < 0) break;
+        seen++;
+    }
+    io_uring_cq_advance(&r->ring, seen);
+    return r->nev;
+}
+
+/* ------------------------------------------------------------------ generic ops */
+
+static int op_alloc(struct px_ring *r)
+{
+    if (r->op_free < 0) {
+        int old = r->nops;
+        if (grow((void **)&r->ops, &r->nops, sizeof *r->ops)) return -ENOMEM;
+        for (int i = r->nops - 1; i >= old; i--) {
+            r->ops[i].next_free = r->op_free;
+            r->op_free = i;
+        }
+    }
+    int idx = r->op_free;
+    struct px_op *o = &r->ops[idx];
+    r->op_free = o->next_free;
+    o->gen++;
+    o->pending = 1;
+    o->cancelled = 0;
+    o->iov = NULL;
+    r->st.ops++;
+    return idx;
+}
+
+/* Finish preparing an op's SQE: tag it, and attach a linked timeout if asked. */
+static int op_submit(struct px_ring *r, int idx, struct io_uring_sqe *s, int64_t tmo_ns)
+{
+    struct px_op *o = &r->ops[idx];
+    io_uring_sqe_set_data64(s, UD(PX_K_OP, idx));
+    if (tmo_ns >= 0) {
+        /* reserve the linked SQE now so the pair cannot be split by a full SQ */
+        if (io_uring_sq_space_left(&r->ring) < 1) {
+            /* cannot happen after px_sqe made room, but never link to a stranger */
+            return idx;
+        }
+        s->flags |= IOSQE_IO_LINK;
+        struct io_uring_sqe *t = px_sqe(r);
+        o->lts.tv_sec = tmo_ns / 1000000000;
+        o->lts.tv_nsec = tmo_ns % 1000000000;
+        io_uring_prep_link_timeout(t, &o->lts, 0);
+        io_uring_sqe_set_data64(t, UD(PX_K_LINK, idx));
+        o->pending = 2;
+    }
+    return idx;
+}
+
+/* Get an SQE for an op, with room for its linked timeout when one is wanted. */
+static struct io_uring_sqe *op_sqe(struct px_ring *r, int64_t tmo_ns)
+{
+    if (tmo_ns >= 0 && io_uring_sq_space_left(&r->ring) < 2) io_uring_submit(&r->ring);
+    return px_sqe(r);
+}
+
+#define OP_BEGIN(tmo)                                   \
+    int idx = op_alloc(r);                              \
+    if (idx < 0) return idx;                            \
+    struct px_op *o = &r->ops[idx]; (void)o;            \
+    struct io_uring_sqe *s = op_sqe(r, tmo);            \
+    if (!s) { op_release(r, idx); return -EBUSY; }
+
+int px_op_read(struct px_ring *r, int fd, char *buf, unsigned len, uint64_t off, int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    io_uring_prep_read(s, fd, buf, len, off);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_write(struct px_ring *r, int fd, const char *buf, unsigned len, uint64_t off,
+                int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    io_uring_prep_write(s, fd, buf, len, off);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_read_fixed(struct px_ring *r, int fd, char *buf, unsigned len, uint64_t off,
+                     int index, int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    io_uring_prep_read_fixed(s, fd, buf, len, off, index);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_write_fixed(struct px_ring *r, int fd, const char *buf, unsigned len, uint64_t off,
+                      int index, int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    io_uring_prep_write_fixed(s, fd, buf, len, off, index);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_send(struct px_ring *r, int fd, const char *buf, unsigned len, int flags,
+               int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    io_uring_prep_send(s, fd, buf, len, flags | MSG_NOSIGNAL);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_recv(struct px_ring *r, int fd, char *buf, unsigned len, int flags, int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    io_uring_prep_recv(s, fd, buf, len, flags);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+static int op_fill_iov(struct px_op *o, char **bufs, size_t *lens, int n)
+{
+    o->iov = malloc((size_t)n * sizeof *o->iov);
+    if (!o->iov) return -ENOMEM;
+    for (int i = 0; i < n; i++) { o->iov[i].iov_base = bufs[i]; o->iov[i].iov_len = lens[i]; }
+    return 0;
+}
+
+int px_op_writev(struct px_ring *r, int fd, char **bufs, size_t *lens, int n, uint64_t off,
+                 int64_t tmo_ns)
+{
+    if (n <= 0 || n > IOV_MAX) return -EINVAL;
+    OP_BEGIN(tmo_ns)
+    if (op_fill_iov(o, bufs, lens, n)) { io_uring_prep_nop(s); op_submit(r, idx, s, -1); return -ENOMEM; }
+    io_uring_prep_writev(s, fd, o->iov, n, off);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_sendmsg(struct px_ring *r, int fd, char **bufs, size_t *lens, int n, int flags,
+                  int64_t tmo_ns)
+{
+    if (n <= 0 || n > IOV_MAX) return -EINVAL;
+    OP_BEGIN(tmo_ns)
+    if (op_fill_iov(o, bufs, lens, n)) { io_uring_prep_nop(s); op_submit(r, idx, s, -1); return -ENOMEM; }
+    memset(&o->msg, 0, sizeof o->msg);
+    o->msg.msg_iov = o->iov;
+    o->msg.msg_iovlen = n;
+    io_uring_prep_sendmsg(s, fd, &o->msg, flags | MSG_NOSIGNAL);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_connect(struct px_ring *r, int fd, const char *addr, unsigned addrlen, int64_t tmo_ns)
+{
+    if (addrlen > sizeof(struct sockaddr_storage)) return -EINVAL;
+    OP_BEGIN(tmo_ns)
+    memcpy(&o->addr, addr, addrlen);
+    o->addrlen = addrlen;
+    io_uring_prep_connect(s, fd, (struct sockaddr *)&o->addr, o->addrlen);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_accept(struct px_ring *r, int fd, int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    io_uring_prep_accept(s, fd, NULL, NULL, SOCK_CLOEXEC);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_openat(struct px_ring *r, int dfd, const char *path, int flags, unsigned mode,
+                 int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    /* the path is read by the kernel at submission (prep), which is before the
+     * caller's object can go away only if we copy it: keep a copy in the op. */
+    size_t n = strlen(path) + 1;
+    o->iov = malloc(sizeof(struct iovec) + n);
+    if (!o->iov) { io_uring_prep_nop(s); op_submit(r, idx, s, -1); return -ENOMEM; }
+    char *copy = (char *)(o->iov + 1);
+    memcpy(copy, path, n);
+    io_uring_prep_openat(s, dfd, copy, flags | O_CLOEXEC, mode);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_close(struct px_ring *r, int fd)
+{
+    OP_BEGIN(-1)
+    io_uring_prep_close(s, fd);
+    return op_submit(r, idx, s, -1);
+}
+
+int px_op_timeout(struct px_ring *r, int64_t ns)
+{
+    OP_BEGIN(-1)
+    o->ts.tv_sec = ns / 1000000000;
+    o->ts.tv_nsec = ns % 1000000000;
+    io_uring_prep_timeout(s, &o->ts, 0, 0);
+    return op_submit(r, idx, s, -1);
+}
+
+int px_op_poll(struct px_ring *r, int fd, unsigned mask, int64_t tmo_ns)
+{
+    OP_BEGIN(tmo_ns)
+    io_uring_prep_poll_add(s, fd, mask);
+    return op_submit(r, idx, s, tmo_ns);
+}
+
+int px_op_nop(struct px_ring *r)
+{
+    OP_BEGIN(-1)
+    io_uring_prep_nop(s);
+    return op_submit(r, idx, s, -1);
+}
+
+/* Request cancellation of op `index`; its own completion still follows. */
+int px_op_cancel(struct px_ring *r, int index)
+{
+    if (index < 0 || index >= r->nops) return -EINVAL;
+    struct px_op *o = &r->ops[index];
+    if (o->cancelled) return 0;
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return -EBUSY;
+    o->cancelled = 1;
+    io_uring_prep_cancel64(s, UD(PX_K_OP, index), 0);
+    io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, 0xffffffffu));
+    return 0;
+}
+
+/* Cancel every request on `fd` that was submitted as a generic op. */
+int px_cancel_fd(struct px_ring *r, int fd)
+{
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) return -EBUSY;
+    io_uring_prep_cancel_fd(s, fd, IORING_ASYNC_CANCEL_ALL);
+    io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, 0xffffffffu));
+    return 0;
+}
+
+int px_register_buffers(struct px_ring *r, char **bufs, size_t *lens, int n)
+{
+    struct iovec *iov = malloc((size_t)n * sizeof *iov);
+    if (!iov) return -ENOMEM;
+    for (int i = 0; i < n; i++) { iov[i].iov_base = bufs[i]; iov[i].iov_len = lens[i]; }
+    int ret = io_uring_register_buffers(&r->ring, iov, n);
+    free(iov);
+    return ret;
+}
+
+int px_unregister_buffers(struct px_ring *r)
+{
+    return io_uring_unregister_buffers(&r->ring);
+}
+"""
+
+LIBURING_A = os.environ.get("PROACTOR_LIBURING_A", "")
+
+
+def _liburing_archive() -> str:
+    """Path of liburing.a (Debian's liburing-dev); linked in statically."""
+    if LIBURING_A:
+        return LIBURING_A
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+              "/usr/lib", "/usr/local/lib"):
+        p = os.path.join(d, "liburing.a")
+        if os.path.exists(p):
+            return p
+    raise RuntimeError("liburing.a not found: install liburing-dev (apt-get install liburing-dev)")
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "proactor._uring_cffi",
+    SOURCE,
+    extra_objects=[_liburing_archive()],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

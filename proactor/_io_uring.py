@@ -1,0 +1,1092 @@
+"""The io_uring backend: one thread owns the ring; completions become handler calls.
+
+Theory of operation
+===================
+
+Some facts about io_uring
+-------------------------
+* A request is described by an SQE that points at memory the kernel will read or write
+  later: a buffer, an iovec array, a msghdr, a sockaddr, a timespec. From the moment the
+  SQE is submitted until its *final* completion (CQE) has been reaped, that memory belongs
+  to the kernel. Freeing or reusing it earlier is a use-after-free done by the kernel.
+* A cancel (``IORING_OP_ASYNC_CANCEL``, or closing the ring) is only a *request*. The
+  request being cancelled still produces its own CQE - with ``-ECANCELED`` or, if it won
+  the race, with its real result. Only that CQE ends it.
+* Multishot requests (accept, recv) produce many CQEs; the final one is the CQE without
+  ``IORING_CQE_F_MORE``.
+* With ``IORING_SETUP_SINGLE_ISSUER|DEFER_TASKRUN`` only the thread that created the ring
+  may submit, and completions are only run when that thread enters the kernel to wait.
+
+What does this mean for us?
+---------------------------
+* **One thread owns the ring** (the I/O unit of the Proactor pattern). The ring is
+  created on the thread that calls :meth:`UringEngine.run`, and every submission happens
+  there. Other threads (workers, a ``conn.send`` from anywhere) append a command to a
+  deque and write a byte to a wakeup pipe whose read end always has a read armed in the
+  ring; ``signal.set_wakeup_fd`` points at the same pipe, so Ctrl-C ends a wait too.
+* **Who owns a buffer while the kernel holds it.**
+  - Receive buffers come from the provided-buffer ring (the memory pool), which lives
+    as long as the ring. A buffer picked by the kernel for a recv is copied out into a
+    ``bytes`` object during dispatch and given back to the ring at the start of the next
+    loop turn.
+  - Send data is copied into a C-owned chunk by ``conn.send()``; the chunk is freed by the
+    C layer after the send CQE that covered its last byte. The caller's object is free as
+    soon as ``send()`` returns.
+  - Buffers of low-level ops (``readinto``, ``write``, ``read_fixed``...) are Python
+    objects. The :class:`~proactor.Op` holds them (and the cffi views of them) and the
+    engine holds the op in ``_ops`` until the op's final CQE - after a cancel, a close, a
+    handler exception or a shutdown too. Registered buffers stay referenced as long as
+    the ring exists.
+  - If the engine must stop while the kernel still holds something (it never should: all
+    requests are cancelled and their CQEs awaited), it leaks the memory on purpose
+    rather than free it.
+* **When an op is finished:** at its final CQE, never at the cancel.
+* **How close works:** ``conn.close()`` stops reading at once (the multishot recv is
+  cancelled), lets queued data go out, then cancels whatever is still in flight on the
+  fd; the fd is closed by the C layer only after the last of the connection's requests
+  has completed, and only then does ``connection_lost`` run. ``conn.abort()`` drops the
+  unsent data and cancels at once; the same wait for the final CQEs follows.
+* The per-CQE bookkeeping (buffer returns, multishot re-arm, send continuation after a
+  short send, ENOBUFS re-arm, close sequencing) happens in the C layer
+  (``_build/build_uring.py``). Python sees one ``px_event`` per completion a user must
+  see, and one ``io_uring_enter`` per loop turn submits everything queued in that turn.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Optional
+
+from ._common import (DATA, EOF, LOST, MADE, Handler, Op, Stats, Timers, WorkerPool,
+                      handler_failed, run_handler_event)
+from ._errors import EngineClosed, UringUnavailable, os_error
+
+try:
+    from ._uring_cffi import ffi, lib
+except ImportError:  # pragma: no cover - not Linux, or not built
+    ffi = lib = None
+
+logger = logging.getLogger("proactor")
+
+SETUP_COOP_TASKRUN = 1 << 8
+SETUP_TASKRUN_FLAG = 1 << 9
+SETUP_SINGLE_ISSUER = 1 << 12
+SETUP_DEFER_TASKRUN = 1 << 13
+#: Setup flag sets tried in order: the best the kernel takes wins.
+SETUP_FLAGS_TRIED = (
+    SETUP_SINGLE_ISSUER | SETUP_DEFER_TASKRUN,
+    SETUP_COOP_TASKRUN | SETUP_TASKRUN_FLAG,
+    0,
+)
+
+EV_ACCEPT, EV_DATA, EV_EOF, EV_CLOSED, EV_OP, EV_WAKE, EV_DRAINED = range(1, 8)
+_KIND_NAMES = {1: "accept", 2: "recv", 3: "send", 4: "op"}
+
+#: Memory that the kernel may still reference when an engine had to give up waiting
+#: for final completions. Never freed, on purpose (see the module docstring).
+_leaked: list = []
+
+_get_ident = threading.get_ident
+
+
+def _sockaddr(address: Any, family: int) -> bytes:
+    """Pack a numeric (host, port[, flowinfo, scope_id]) address as a struct sockaddr."""
+    if family == socket.AF_INET:
+        host, port = address[0], address[1]
+        return struct.pack("=HH4s8x", socket.AF_INET, socket.htons(port),
+                           socket.inet_pton(socket.AF_INET, host))
+    if family == socket.AF_INET6:
+        host, port = address[0], address[1]
+        flow = address[2] if len(address) > 2 else 0
+        scope = address[3] if len(address) > 3 else 0
+        return struct.pack("=HHI16sI", socket.AF_INET6, socket.htons(port), flow,
+                           socket.inet_pton(socket.AF_INET6, host), scope)
+    if family == socket.AF_UNIX:
+        path = os.fsencode(address)
+        return struct.pack("=H", socket.AF_UNIX) + path + b"\0"
+    raise ValueError(f"unsupported address family {family}")
+
+
+class UringConnection:
+    """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
+    called from any thread; everything else from the handler (or the engine's thread)."""
+
+    __slots__ = ("_engine", "_r", "_slot", "_gen", "_fd", "_handler", "_data_received",
+                 "_wpool", "_wq", "_wsched", "_closing", "_closed", "_fail_exc",
+                 "_user_paused", "_drain_cbs", "server", "__weakref__")
+
+    def __init__(self, engine: UringEngine, slot: int, gen: int, fd: int,
+                 server: Optional[UringServer], pool: Optional[WorkerPool]) -> None:
+        self._engine = engine
+        self._r = engine._r
+        self._slot = slot
+        self._gen = gen
+        self._fd = fd
+        self._handler: Any = None
+        self._data_received: Any = None
+        self._wpool = pool
+        self._wq: list = []
+        self._wsched = False
+        self._closing = False
+        self._closed = False
+        self._fail_exc: Optional[BaseException] = None
+        self._user_paused = False
+        self._drain_cbs: Optional[list] = None
+        self.server = server
+
+    # -- sending
+    def send(self, data: Any) -> None:
+        """Queue ``data`` (bytes-like, copied) to be sent after what was queued before.
+
+        Raises ``BrokenPipeError`` once the connection is closing or closed. Bytes that
+        cannot be delivered because the connection fails later are reported through
+        ``connection_lost(conn, exc)``."""
+        if self._closing:
+            raise os_error(errno.EPIPE, "send")
+        if type(data) is not bytes:
+            data = bytes(data)
+        if _get_ident() == self._engine._thread_id:
+            lib.px_send(self._r, self._slot, self._gen, data, len(data))
+        else:
+            self._engine._post(self._send_now, data)
+
+    def writelines(self, chunks: Iterable[Any]) -> None:
+        """Queue several chunks; queued chunks go out gathered into one ``sendmsg``."""
+        for c in chunks:
+            self.send(c)
+
+    def _send_now(self, data: bytes) -> None:
+        lib.px_send(self._r, self._slot, self._gen, data, len(data))
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued and not yet sent (call on the engine's thread)."""
+        if self._closed:
+            return 0
+        n = lib.px_send_queued(self._r, self._slot, self._gen)
+        return max(0, n)
+
+    def when_drained(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback()`` on the engine's thread once everything queued is sent."""
+        self._engine._in_loop(self._when_drained, callback)
+
+    def _when_drained(self, callback: Callable[[], Any]) -> None:
+        if self._closed or lib.px_want_drain(self._r, self._slot, self._gen) != 0:
+            self._engine.call_soon(callback)
+            return
+        if self._drain_cbs is None:
+            self._drain_cbs = []
+        self._drain_cbs.append(callback)
+
+    def _on_drained(self) -> None:
+        cbs, self._drain_cbs = self._drain_cbs, None
+        for cb in cbs or ():
+            self._engine.call_soon(cb)
+
+    # -- reading
+    def pause_reading(self) -> None:
+        """Stop receiving (the kernel keeps the data in the socket)."""
+        self._user_paused = True
+        self._engine._in_loop(lambda: lib.px_pause_reading(self._r, self._slot, self._gen))
+
+    def resume_reading(self) -> None:
+        self._user_paused = False
+        self._engine._in_loop(lambda: lib.px_resume_reading(self._r, self._slot, self._gen))
+
+    # -- closing
+    def close(self) -> None:
+        """Close after the queued data has been sent. ``connection_lost`` follows."""
+        if self._closing:
+            return
+        self._closing = True
+        self._engine._in_loop(self._close_now, 0)
+
+    def abort(self) -> None:
+        """Close now: unsent data is dropped, in-flight requests are cancelled."""
+        self._closing = True
+        self._engine._in_loop(self._close_now, 1)
+
+    def _close_now(self, abort: int) -> None:
+        if not self._closed:
+            lib.px_close(self._r, self._slot, self._gen, abort)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._fail_exc is None:
+            self._fail_exc = exc
+        self.abort()
+
+    # -- information
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return -1 if self._closed else self._fd
+
+    def _sockinfo(self, name: str) -> Any:
+        if self._closed:
+            raise os_error(errno.EBADF, name)
+        s = socket.socket(fileno=self._fd)
+        try:
+            return getattr(s, name)()
+        finally:
+            s.detach()
+
+    @property
+    def peername(self) -> Any:
+        return self._sockinfo("getpeername")
+
+    @property
+    def sockname(self) -> Any:
+        return self._sockinfo("getsockname")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "closing" if self._closing else "open"
+        return f"<UringConnection fd={self._fd} {state}>"
+
+
+class UringServer:
+    """Listening sockets of one ``serve_tcp`` call."""
+
+    def __init__(self, engine: UringEngine, socks: list, factory: Callable[[], Handler],
+                 pool: Optional[WorkerPool]) -> None:
+        self._engine = engine
+        self._factory = factory
+        self.pool = pool
+        self.addresses = [s.getsockname() for s in socks]
+        self._fds = [s.detach() for s in socks]
+        self._slots: list[int] = []
+        self._closing = False
+        self._open_listeners = 0
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    def _start(self) -> None:
+        eng = self._engine
+        for fd in self._fds:
+            slot = lib.px_listen(eng._r, fd)
+            if slot < 0:
+                os.close(fd)
+                logger.error("cannot listen on fd %d: %s", fd, os.strerror(-slot))
+                continue
+            eng._set_conn(slot, self)
+            self._slots.append(slot)
+            self._open_listeners += 1
+        if self._closing:
+            self._closing = False
+            self._close_now()
+
+    def close(self) -> None:
+        """Stop accepting; connections already accepted carry on."""
+        if not self._closing:
+            self._closing = True
+            self._engine._in_loop(self._close_now)
+
+    def _close_now(self) -> None:
+        eng = self._engine
+        for slot in self._slots:
+            lib.px_close(eng._r, slot, lib.px_conn_gen(eng._r, slot), 1)
+
+    def _rearm(self, slot: int) -> None:
+        if not self._closing and self._engine._r is not None:
+            lib.px_rearm_accept(self._engine._r, slot)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing and self._open_listeners == 0
+
+    def __repr__(self) -> str:
+        return f"<UringServer {self.addresses}>"
+
+
+class UringEngine:
+    """A Proactor on io_uring. See the module docstring for how it works.
+
+    Options: ``entries`` (SQ size), ``cq_entries`` (CQ size, default 8×entries),
+    ``buffers`` and ``buffer_size`` (the provided-buffer ring: the receive memory pool).
+    """
+
+    backend = "io_uring"
+
+    def __init__(self, *, entries: int = 2048, cq_entries: Optional[int] = None,
+                 buffers: int = 1024, buffer_size: int = 16384,
+                 setup_flags: Optional[Iterable[int]] = None) -> None:
+        if lib is None:
+            raise UringUnavailable(errno.ENOSYS, "the io_uring extension is not built here")
+        if buffers <= 0 or buffers & (buffers - 1) or buffers > 32768:
+            raise ValueError("buffers must be a power of two <= 32768")
+        self._entries = entries
+        self._cq_entries = cq_entries or entries * 8
+        self._nbufs = buffers
+        self._bufsize = buffer_size
+        self._setup_flags = tuple(setup_flags) if setup_flags is not None else SETUP_FLAGS_TRIED
+        self.setup_flags = 0
+        self.features = 0
+        self._r: Any = None
+        self._thread_id: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
+        self._cmds: deque = deque()
+        self._ready: deque = deque()
+        self._timers = Timers()
+        self._wake_pending = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._wake_w, False)
+        self._conns: list[Any] = []
+        self._ops: dict[int, Op] = {}
+        self._servers: list[UringServer] = []
+        self._pools: list[WorkerPool] = []
+        self._registered: list = []
+        self._pool_mem: Any = None
+        self._pool_ptr: Any = None
+        self._evq: Any = None
+        self._started = threading.Event()
+        self._start_exc: Optional[BaseException] = None
+        self._stopped = threading.Event()
+        self._shutdown: Optional[dict] = None
+        self._closed = False
+        self._ran = False
+
+    # ------------------------------------------------------------------ running
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Run the loop in this thread until :meth:`stop` (or SIGINT/SIGTERM when
+        ``handle_signals`` and this is the main thread) has shut everything down."""
+        if self._ran:
+            raise RuntimeError("an engine runs once")
+        self._ran = True
+        self._thread_id = _get_ident()
+        try:
+            self._setup()
+        except BaseException as e:
+            self._start_exc = e
+            self._started.set()
+            self._stopped.set()
+            self._release()
+            raise
+        self._started.set()
+        restore = None
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            restore = self._install_signals()
+        try:
+            self._loop()
+        finally:
+            if restore:
+                restore()
+            self._teardown()
+            self._stopped.set()
+
+    def start(self) -> UringEngine:
+        """Run the loop on a new thread; returns once the ring is set up."""
+        t = threading.Thread(target=self._run_thread, name="proactor-io", daemon=True)
+        self._thread = t
+        t.start()
+        self._started.wait()
+        if self._start_exc is not None:
+            raise self._start_exc
+        return self
+
+    def _run_thread(self) -> None:
+        try:
+            self.run(handle_signals=False)
+        except BaseException as e:  # noqa: BLE001 - reported by start()/join()
+            if self._start_exc is None:
+                logger.exception("proactor engine thread died")
+                self._start_exc = e
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Begin a graceful shutdown (from any thread): stop accepting, let handlers
+        finish what is queued and in-flight sends complete (for at most ``timeout``
+        seconds), then close everything and join the workers."""
+        if not self._closed:
+            self._post(self._begin_shutdown, timeout)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for a :meth:`start`-ed engine to finish; True when it has."""
+        return self._stopped.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """:meth:`stop` and :meth:`join`; a never-run engine just releases its pipe."""
+        if not self._ran:
+            self._ran = True
+            self._closed = True
+            self._release()
+            self._stopped.set()
+            return
+        self.stop(timeout)
+        if self._thread_id != _get_ident():
+            self.join()
+
+    def __enter__(self) -> UringEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._started.is_set() and not self._stopped.is_set()
+
+    # ------------------------------------------------------------------ scheduling
+    def time(self) -> float:
+        return time.monotonic()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine's thread soon (thread-safe)."""
+        if _get_ident() == self._thread_id:
+            self._ready.append((fn, args))
+        else:
+            self._post(fn, *args)
+
+    call_soon_threadsafe = call_soon
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.call_at(time.monotonic() + delay, fn, *args)
+
+    def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the engine's thread at ``time()`` >= ``when``; returns a
+        handle with ``cancel()``. From another thread it is scheduled through the loop."""
+        if _get_ident() == self._thread_id:
+            return self._timers.add(when, fn, args)
+        holder = _LateTimer()
+        self._post(holder.arm, self, when, fn, args)
+        return holder
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Hand a call to the engine's thread (from any thread) and wake it."""
+        if self._closed:
+            raise EngineClosed("the engine is shut down")
+        self._cmds.append((fn, args))
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        if _get_ident() == self._thread_id:
+            fn(*args)
+        else:
+            self._post(fn, *args)
+
+    # ------------------------------------------------------------------ ring life
+    def _setup(self) -> None:
+        used = ffi.new("unsigned *")
+        feat = ffi.new("unsigned *")
+        rp = ffi.new("struct px_ring **")
+        err = 0
+        for flags in self._setup_flags:
+            err = lib.px_setup(rp, self._entries, self._cq_entries, flags, used, feat)
+            if err == 0:
+                break
+            if err not in (-errno.EINVAL,):
+                break
+        if err:
+            e = -err
+            if e == errno.EPERM:
+                reason = "io_uring_setup: EPERM (blocked by seccomp or kernel.io_uring_disabled)"
+            elif e == errno.ENOSYS:
+                reason = "io_uring_setup: ENOSYS (the kernel has no io_uring)"
+            else:
+                reason = f"io_uring_setup: {errno.errorcode.get(e, e)} ({os.strerror(e)})"
+            raise UringUnavailable(e, reason)
+        self._r = rp[0]
+        self.setup_flags = used[0]
+        self.features = feat[0]
+        self._pool_mem = mmap.mmap(-1, self._nbufs * self._bufsize)
+        self._pool_ptr = ffi.from_buffer(self._pool_mem)
+        err = lib.px_setup_bufring(self._r, self._pool_ptr, self._nbufs, self._bufsize)
+        if err:
+            lib.px_destroy(self._r)
+            self._r = None
+            raise UringUnavailable(-err, "cannot register the provided-buffer ring: "
+                                   + os.strerror(-err))
+        lib.px_set_wakeup(self._r, self._wake_r)
+        nmax = lib.px_max_events(self._r)
+        self._evq = memoryview(ffi.buffer(lib.px_events(self._r), nmax * 32)).cast("q")
+
+    def _install_signals(self) -> Callable[[], None]:
+        def on_signal(signum: int, frame: Any) -> None:
+            logger.info("signal %d: shutting down", signum)
+            self.stop()
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+        def restore() -> None:
+            signal.set_wakeup_fd(old_fd)
+            for s, h in old.items():
+                signal.signal(s, h)
+        return restore
+
+    def _loop(self) -> None:
+        r = self._r
+        timers = self._timers
+        heap = timers._heap
+        cmds = self._cmds
+        ready = self._ready
+        reap = lib.px_reap
+        monotonic = time.monotonic
+        while True:
+            if cmds:
+                self._run_cmds()
+            if ready:
+                self._run_ready()
+            if heap:
+                timers.run_due(monotonic())
+            if self._shutdown is not None and self._shutdown_step():
+                return
+            if cmds or ready:
+                n = reap(r, 0, -1)
+            else:
+                tmo = timers.timeout(monotonic()) if heap else None
+                if self._shutdown is not None:
+                    tmo = 0.02 if tmo is None else min(tmo, 0.02)
+                if tmo is None:
+                    n = reap(r, 1, -1)
+                elif tmo <= 0:
+                    n = reap(r, 0, -1)
+                else:
+                    n = reap(r, 1, int(tmo * 1e9))
+            if n > 0:
+                self._dispatch(n)
+            elif n < 0:
+                raise os_error(n, "io_uring_enter")
+
+    def _run_cmds(self) -> None:
+        cmds = self._cmds
+        pop = cmds.popleft
+        while cmds:
+            fn, args = pop()
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("call of %r raised", fn)
+
+    def _run_ready(self) -> None:
+        ready = self._ready
+        for _ in range(len(ready)):
+            fn, args = ready.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("call of %r raised", fn)
+
+    # ------------------------------------------------------------------ completions
+    def _dispatch(self, n: int) -> None:
+        vals = self._evq[: 4 * n].tolist()
+        conns = self._conns
+        pool_mem = self._pool_mem
+        touched: Optional[list] = None
+        it = iter(vals)
+        for t, i, res, aux in zip(it, it, it, it):
+            if t == EV_DATA:
+                c = conns[i]
+                if c._closing:
+                    continue               # closed by the user: reading has stopped
+                p = c._wpool
+                if p is None:
+                    try:
+                        c._data_received(c, pool_mem[aux:aux + res])
+                    except Exception as e:
+                        handler_failed(c, e)
+                else:
+                    if not p._batch:
+                        if touched is None:
+                            touched = []
+                        touched.append(p)
+                    p._batch.append((c, DATA, pool_mem[aux:aux + res]))
+                    if p.pending + len(p._batch) >= p.max_queue:
+                        self._backpressure(p, c)
+            elif t == EV_OP:
+                op = self._ops.pop(i, None)
+                if op is not None:
+                    self._finish_op(op, res)
+            elif t == EV_ACCEPT:
+                srv = conns[i]
+                if res >= 0:
+                    touched = self._accepted(srv, res, touched)
+                else:
+                    exc = os_error(res, "accept")
+                    logger.warning("accept on %s failed: %s; retrying in 0.1 s",
+                                   srv.addresses, exc)
+                    self._timers.add(time.monotonic() + 0.1, srv._rearm, (i,))
+            elif t == EV_EOF:
+                c = conns[i]
+                if res == 0:
+                    touched = self._deliver(c, EOF, None, touched)
+                else:
+                    c._fail(os_error(res, "recv"))
+            elif t == EV_CLOSED:
+                touched = self._closed_slot(i, res, aux, touched)
+            elif t == EV_WAKE:
+                self._wake_pending = False
+            elif t == EV_DRAINED:
+                c = conns[i]
+                if c is not None:
+                    c._on_drained()
+        if touched:
+            for p in touched:
+                batch, p._batch = p._batch, []
+                p.submit(batch)
+
+    def _deliver(self, c: UringConnection, kind: int, arg: Any,
+                 touched: Optional[list]) -> Optional[list]:
+        p = c._wpool
+        if p is None:
+            run_handler_event(c, kind, arg)
+            return touched
+        if not p._batch:
+            if touched is None:
+                touched = []
+            touched.append(p)
+        p._batch.append((c, kind, arg))
+        return touched
+
+    def _accepted(self, srv: UringServer, fd: int, touched: Optional[list]) -> Optional[list]:
+        r = self._r
+        slot = lib.px_conn_new(r, fd, 1)
+        if slot < 0:
+            os.close(fd)
+            logger.error("cannot register accepted socket: %s", os.strerror(-slot))
+            return touched
+        c = UringConnection(self, slot, lib.px_conn_gen(r, slot), fd, srv, srv.pool)
+        self._set_conn(slot, c)
+        try:
+            h = srv._factory()
+        except Exception as e:
+            logger.exception("handler factory raised; closing the new connection")
+            c._fail_exc = e
+            c._handler = Handler()
+            c._closing = True
+            lib.px_close(r, slot, c._gen, 1)
+            return touched
+        c._handler = h
+        c._data_received = h.data_received
+        return self._deliver(c, MADE, None, touched)
+
+    def _closed_slot(self, slot: int, res: int, kind: int,
+                     touched: Optional[list]) -> Optional[list]:
+        c = self._conns[slot]
+        self._conns[slot] = None
+        if isinstance(c, UringServer):
+            c._open_listeners -= 1
+            return touched
+        if c is None:
+            return touched
+        c._closed = True
+        c._closing = True
+        if c._fail_exc is not None:
+            exc: Optional[BaseException] = c._fail_exc
+        elif res < 0:
+            exc = os_error(res, _KIND_NAMES.get(kind, "io"))
+        else:
+            exc = None
+        if c._drain_cbs:
+            c._on_drained()
+        return self._deliver(c, LOST, exc, touched)
+
+    def _set_conn(self, slot: int, obj: Any) -> None:
+        conns = self._conns
+        if slot >= len(conns):
+            conns.extend([None] * (slot + 1 - len(conns)))
+        conns[slot] = obj
+
+    def _backpressure(self, p: WorkerPool, c: UringConnection) -> None:
+        """The pool's queue is full: stop reading from this connection until it drains."""
+        if lib.px_pause_reading(self._r, c._slot, c._gen) == 1:
+            p._paused_conns.append(c)
+        with p._cond:
+            if p.pending > p._low_water:
+                p.paused = True
+                return
+        self._resume_pool(p)   # the workers drained it meanwhile
+
+    def _resume_reading_for(self, p: WorkerPool) -> None:
+        """Called by a worker when its pool's queue is low again."""
+        try:
+            self._post(self._resume_pool, p)
+        except EngineClosed:
+            pass
+
+    def _resume_pool(self, p: WorkerPool) -> None:
+        paused, p._paused_conns = p._paused_conns, []
+        for c in paused:
+            if not c._closing and not c._user_paused:
+                lib.px_resume_reading(self._r, c._slot, c._gen)
+
+    # ------------------------------------------------------------------ servers
+    def serve_tcp(self, handler_factory: Callable[[], Handler], host: Optional[str] = "127.0.0.1",
+                  port: int = 0, *, workers: int = 0, backlog: int = 1024,
+                  reuse_port: bool = False, max_queue: int = 4096) -> UringServer:
+        """Listen on ``host:port`` and serve each connection with ``handler_factory()``.
+
+        ``workers=0`` runs handlers on the engine's thread; ``workers=N`` runs them on N
+        worker threads (half-sync/half-async), at most ``max_queue`` events queued before
+        reading pauses. Binding happens now (errors raise here); accepting starts once
+        the engine runs. Callable from any thread."""
+        if self._closed or self._shutdown is not None:
+            raise EngineClosed("the engine is shut down")
+        socks = _bind_tcp(host, port, backlog, reuse_port)
+        pool = None
+        if workers:
+            pool = WorkerPool(self, workers, max_queue)
+            pool._batch = []
+            pool._paused_conns = []
+            self._pools.append(pool)
+        srv = UringServer(self, socks, handler_factory, pool)
+        self._servers.append(srv)
+        self._in_loop(srv._start)
+        return srv
+
+    # ------------------------------------------------------------------ low-level ops
+    def _submit(self, op: Op, prep: Callable[..., int], *args: Any) -> Op:
+        if _get_ident() != self._thread_id:
+            self._post(self._submit, op, prep, *args)
+            return op
+        if op._cancel_req or (self._shutdown is not None and "hard" in self._shutdown):
+            self._ready.append((self._finish_op, (op, -errno.ECANCELED)))
+            return op
+        idx = prep(self._r, *args)
+        if idx < 0:
+            self._ready.append((self._finish_op, (op, idx)))
+            return op
+        op._index = idx
+        self._ops[idx] = op
+        return op
+
+    @staticmethod
+    def _finish_op(op: Op, res: int) -> None:
+        if res == -errno.ECANCELED and op._timed and not op._cancel_req:
+            res = -errno.ETIMEDOUT     # its linked timeout fired
+        elif res == -errno.ETIME and op.name == "timeout":
+            res = 0                    # a timeout op that expired did its job
+        op._complete(res)
+
+    def _cancel_op(self, op: Op) -> None:
+        if _get_ident() != self._thread_id:
+            self._post(self._cancel_op, op)
+            return
+        if op._done or op._cancel_req:
+            return
+        op._cancel_req = True          # before submission: _submit completes it at once
+        if op._index >= 0 and self._ops.get(op._index) is op:
+            lib.px_op_cancel(self._r, op._index)
+
+    @staticmethod
+    def _tmo(timeout: Optional[float]) -> int:
+        return -1 if timeout is None else max(0, int(timeout * 1e9))
+
+    def _op(self, name: str, callback: Optional[Callable[[Op], Any]], keep: Any,
+            convert: Optional[Callable[[int], Any]], timeout: Optional[float]) -> Op:
+        op = Op(self, name, callback, keep, convert)
+        op._timed = timeout is not None
+        return op
+
+    def read(self, fd: int, nbytes: int, offset: int, callback: Callable[[Op], Any], *,
+             timeout: Optional[float] = None) -> Op:
+        """Read up to ``nbytes`` at ``offset`` (-1: the file position); result: bytes."""
+        buf = bytearray(nbytes)
+        cbuf = ffi.from_buffer(buf)
+        op = self._op("read", callback, (buf, cbuf),
+                      lambda n: bytes(memoryview(buf)[:n]), timeout)
+        return self._submit(op, lib.px_op_read, fd, cbuf, nbytes, offset & (2**64 - 1),
+                            self._tmo(timeout))
+
+    def readinto(self, fd: int, buf: Any, offset: int, callback: Callable[[Op], Any], *,
+                 timeout: Optional[float] = None) -> Op:
+        """Read into the writable buffer ``buf`` at ``offset``; result: bytes read."""
+        cbuf = ffi.from_buffer(buf, require_writable=True)
+        op = self._op("read", callback, (buf, cbuf), None, timeout)
+        return self._submit(op, lib.px_op_read, fd, cbuf, len(cbuf), offset & (2**64 - 1),
+                            self._tmo(timeout))
+
+    def write(self, fd: int, data: Any, offset: int, callback: Callable[[Op], Any], *,
+              timeout: Optional[float] = None) -> Op:
+        """Write ``data`` at ``offset`` (-1: the file position); result: bytes written
+        (possibly fewer than asked, as with ``os.pwrite``)."""
+        cbuf = ffi.from_buffer(data)
+        op = self._op("write", callback, (data, cbuf), None, timeout)
+        return self._submit(op, lib.px_op_write, fd, cbuf, len(cbuf), offset & (2**64 - 1),
+                            self._tmo(timeout))
+
+    def writev(self, fd: int, buffers: list, offset: int, callback: Callable[[Op], Any], *,
+               timeout: Optional[float] = None) -> Op:
+        """Gathered write of several buffers at ``offset``; result: bytes written."""
+        ptrs, lens, keep = self._iov(buffers)
+        op = self._op("writev", callback, keep, None, timeout)
+        return self._submit(op, lib.px_op_writev, fd, ptrs, lens, len(buffers),
+                            offset & (2**64 - 1), self._tmo(timeout))
+
+    def sendmsg(self, fd: int, buffers: list, callback: Callable[[Op], Any], *, flags: int = 0,
+                timeout: Optional[float] = None) -> Op:
+        """Gathered send of several buffers on a socket; result: bytes sent."""
+        ptrs, lens, keep = self._iov(buffers)
+        op = self._op("sendmsg", callback, keep, None, timeout)
+        return self._submit(op, lib.px_op_sendmsg, fd, ptrs, lens, len(buffers), flags,
+                            self._tmo(timeout))
+
+    @staticmethod
+    def _iov(buffers: list) -> tuple:
+        cbufs = [ffi.from_buffer(b) for b in buffers]
+        ptrs = ffi.new("char *[]", cbufs)
+        lens = ffi.new("size_t[]", [len(c) for c in cbufs])
+        return ptrs, lens, (buffers, cbufs, ptrs, lens)
+
+    def send(self, fd: int, data: Any, callback: Callable[[Op], Any], *, flags: int = 0,
+             timeout: Optional[float] = None) -> Op:
+        """One send on a socket fd; result: bytes sent."""
+        cbuf = ffi.from_buffer(data)
+        op = self._op("send", callback, (data, cbuf), None, timeout)
+        return self._submit(op, lib.px_op_send, fd, cbuf, len(cbuf), flags, self._tmo(timeout))
+
+    def recv(self, fd: int, nbytes: int, callback: Callable[[Op], Any], *, flags: int = 0,
+             timeout: Optional[float] = None) -> Op:
+        """One recv on a socket fd; result: bytes (empty at EOF)."""
+        buf = bytearray(nbytes)
+        cbuf = ffi.from_buffer(buf)
+        op = self._op("recv", callback, (buf, cbuf),
+                      lambda n: bytes(memoryview(buf)[:n]), timeout)
+        return self._submit(op, lib.px_op_recv, fd, cbuf, nbytes, flags, self._tmo(timeout))
+
+    def connect(self, fd: int, address: Any, callback: Callable[[Op], Any], *,
+                family: Optional[int] = None, timeout: Optional[float] = None) -> Op:
+        """Connect socket ``fd`` to a numeric ``address``; result: None. With ``timeout``
+        a linked timeout ends it with ``TimeoutError`` (ETIMEDOUT)."""
+        if family is None:
+            if isinstance(address, (str, bytes)):
+                family = socket.AF_UNIX
+            else:
+                family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sa = _sockaddr(address, family)
+        op = self._op("connect", callback, sa, lambda n: None, timeout)
+        return self._submit(op, lib.px_op_connect, fd, sa, len(sa), self._tmo(timeout))
+
+    def accept(self, fd: int, callback: Callable[[Op], Any], *,
+               timeout: Optional[float] = None) -> Op:
+        """Accept one connection on listening socket ``fd``; result: the new fd."""
+        op = self._op("accept", callback, None, None, timeout)
+        return self._submit(op, lib.px_op_accept, fd, self._tmo(timeout))
+
+    def openat(self, path: Any, flags: int, mode: int, callback: Callable[[Op], Any], *,
+               dir_fd: int = -100) -> Op:
+        """Open ``path`` (relative to ``dir_fd``, default the cwd); result: the fd."""
+        p = os.fsencode(path)
+        op = self._op("openat", callback, None, None, None)
+        return self._submit(op, lib.px_op_openat, dir_fd, p, flags, mode, -1)
+
+    def close_fd(self, fd: int, callback: Optional[Callable[[Op], Any]] = None) -> Op:
+        """Close ``fd`` through the ring; result: None."""
+        op = self._op("close", callback, None, lambda n: None, None)
+        return self._submit(op, lib.px_op_close, fd)
+
+    def timeout(self, seconds: float, callback: Callable[[Op], Any]) -> Op:
+        """A kernel timer (IORING_OP_TIMEOUT); result: None when it expires."""
+        op = Op(self, "timeout", callback, None, lambda n: None)
+        return self._submit(op, lib.px_op_timeout, max(0, int(seconds * 1e9)))
+
+    def poll(self, fd: int, mask: int, callback: Callable[[Op], Any], *,
+             timeout: Optional[float] = None) -> Op:
+        """Wait until ``fd`` is ready for ``mask`` (select.POLLIN, ...); result: the events."""
+        op = self._op("poll", callback, None, None, timeout)
+        return self._submit(op, lib.px_op_poll, fd, mask, self._tmo(timeout))
+
+    def nop(self, callback: Callable[[Op], Any]) -> Op:
+        op = self._op("nop", callback, None, None, None)
+        return self._submit(op, lib.px_op_nop)
+
+    def cancel_fd(self, fd: int) -> None:
+        """Cancel every low-level op in flight on ``fd`` (each still completes)."""
+        self._in_loop(lambda: lib.px_cancel_fd(self._r, fd))
+
+    def register_buffers(self, buffers: list) -> None:
+        """Register writable buffers for ``read_fixed``/``write_fixed`` (engine thread).
+        They stay referenced until the engine is closed or :meth:`unregister_buffers`."""
+        self._check_loop("register_buffers")
+        cbufs = [ffi.from_buffer(b, require_writable=True) for b in buffers]
+        ptrs = ffi.new("char *[]", cbufs)
+        lens = ffi.new("size_t[]", [len(c) for c in cbufs])
+        err = lib.px_register_buffers(self._r, ptrs, lens, len(cbufs))
+        if err < 0:
+            raise os_error(err, "register_buffers")
+        self._registered = list(zip(buffers, cbufs))
+
+    def unregister_buffers(self) -> None:
+        self._check_loop("unregister_buffers")
+        if any(op.name in ("read_fixed", "write_fixed") for op in self._ops.values()):
+            raise RuntimeError("fixed-buffer operations are still in flight")
+        err = lib.px_unregister_buffers(self._r)
+        if err < 0:
+            raise os_error(err, "unregister_buffers")
+        self._registered = []
+
+    def _fixed(self, index: int, nbytes: int, buf_offset: int) -> Any:
+        buf, cbuf = self._registered[index]
+        if buf_offset < 0 or nbytes < 0 or buf_offset + nbytes > len(cbuf):
+            raise ValueError("range outside the registered buffer")
+        return cbuf + buf_offset
+
+    def read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                   callback: Callable[[Op], Any], *, buf_offset: int = 0,
+                   timeout: Optional[float] = None) -> Op:
+        """Read into registered buffer ``index``; result: bytes read."""
+        ptr = self._fixed(index, nbytes, buf_offset)
+        op = self._op("read_fixed", callback, self._registered[index], None, timeout)
+        return self._submit(op, lib.px_op_read_fixed, fd, ptr, nbytes, offset & (2**64 - 1),
+                            index, self._tmo(timeout))
+
+    def write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                    callback: Callable[[Op], Any], *, buf_offset: int = 0,
+                    timeout: Optional[float] = None) -> Op:
+        """Write from registered buffer ``index``; result: bytes written."""
+        ptr = self._fixed(index, nbytes, buf_offset)
+        op = self._op("write_fixed", callback, self._registered[index], None, timeout)
+        return self._submit(op, lib.px_op_write_fixed, fd, ptr, nbytes, offset & (2**64 - 1),
+                            index, self._tmo(timeout))
+
+    def _check_loop(self, what: str) -> None:
+        if _get_ident() != self._thread_id:
+            raise RuntimeError(f"{what}() must be called on the engine's thread")
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> Stats:
+        """Counters, readable from any thread while the engine runs."""
+        r = self._r
+        queue = sum(p.pending for p in self._pools)
+        pinned = len(self._ops) + len(self._registered)
+        if r is None:
+            return Stats(self.backend, 0, 0, 0, 0, self._nbufs, pinned, 0, queue, 0, 0, 0, 0)
+        st = lib.px_get_stats(r)
+        return Stats(
+            backend=self.backend,
+            ops_submitted=st.submitted, ops_completed=st.completed,
+            ops_in_flight=st.inflight, buffers_in_use=st.bufs_out,
+            buffers_total=self._nbufs, pinned_objects=pinned,
+            connections=sum(1 for c in self._conns if isinstance(c, UringConnection)),
+            queue_depth=queue, bytes_in=st.bytes_in, bytes_out=st.bytes_out,
+            send_queued=st.send_queued, cq_overflow=st.cq_overflow,
+        )
+
+    # ------------------------------------------------------------------ shutdown
+    def _begin_shutdown(self, timeout: float) -> None:
+        if self._shutdown is not None:
+            return
+        now = time.monotonic()
+        self._shutdown = {"deadline": now + timeout, "phase": 1}
+        for srv in self._servers:
+            srv.close()
+        for c in self._conns:
+            if isinstance(c, UringConnection) and not c._closing:
+                lib.px_pause_reading(self._r, c._slot, c._gen)
+
+    def _shutdown_step(self) -> bool:
+        """Advance the shutdown; True when the loop may end."""
+        sd = self._shutdown
+        now = time.monotonic()
+        late = now >= sd["deadline"]
+        conns = [c for c in self._conns if isinstance(c, UringConnection)]
+        if sd["phase"] == 1:
+            if late or all(p.idle() for p in self._pools):
+                for c in conns:
+                    c.close()            # graceful: queued data goes out first
+                sd["phase"] = 2
+        if sd["phase"] == 2:
+            if late and not sd.get("aborted"):
+                sd["aborted"] = True
+                for c in conns:
+                    c.abort()
+            listeners = any(isinstance(c, UringServer) for c in self._conns)
+            if not conns and not listeners:
+                sd["phase"] = 3
+        if sd["phase"] == 3:
+            if "hard" not in sd:
+                sd["hard"] = now + 5.0
+                for idx in list(self._ops):
+                    lib.px_op_cancel(self._r, idx)
+                lib.px_stop_wakeup(self._r)
+            if (lib.px_inflight(self._r) == 0 and not self._ops
+                    and not self._ready and not self._cmds):
+                return True
+            if now >= sd["hard"]:
+                logger.error("%d io_uring requests did not complete after cancel; their "
+                             "memory is kept, not freed", lib.px_inflight(self._r))
+                return True
+        return False
+
+    def _teardown(self) -> None:
+        self._closed = True
+        for p in self._pools:
+            if not p.shutdown(timeout=5.0):
+                logger.error("worker threads did not finish within 5 s")
+        self._release()
+
+    def _release(self) -> None:
+        r = self._r
+        self._r = None
+        self._evq = None
+        if r is not None:
+            if lib.px_inflight(r) == 0:
+                lib.px_destroy(r)
+                ffi.release(self._pool_ptr)
+                self._pool_mem.close()
+            else:
+                _leaked.append((r, self._pool_mem, self._pool_ptr, self._ops,
+                                self._registered))
+        self._registered = []
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+
+class _LateTimer:
+    """The handle ``call_at`` returns off the engine's thread: cancels once armed."""
+
+    __slots__ = ("_h", "cancelled")
+
+    def __init__(self) -> None:
+        self._h: Any = None
+        self.cancelled = False
+
+    def arm(self, engine: UringEngine, when: float, fn: Callable[..., Any], args: tuple) -> None:
+        if not self.cancelled:
+            self._h = engine._timers.add(when, fn, args)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._h is not None:
+            self._h.cancel()
+
+
+def _bind_tcp(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> list:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list = []
+    try:
+        for family, type_, proto, _, addr in infos:
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:
+                addr = (addr[0], socks[0].getsockname()[1]) + tuple(addr[2:])
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise OSError(e.errno, f"error while attempting to bind on address "
+                                       f"{addr!r}: {e.strerror}") from None
+            s.listen(backlog)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
