@@ -67,6 +67,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from ._common import (DATA, EOF, LOST, MADE, Handler, Op, Stats, Timers, WorkerPool,
                       handler_failed, run_handler_event)
+from ._diagnose import OPCODES, REQUIRED
 from ._errors import EngineClosed, UringUnavailable, os_error
 
 try:
@@ -501,6 +502,13 @@ class UringEngine:
         self._r = rp[0]
         self.setup_flags = used[0]
         self.features = feat[0]
+        missing = [name for name in REQUIRED
+                   if not lib.px_opcode_supported(self._r, OPCODES[name])]
+        if missing:
+            lib.px_destroy(self._r)
+            self._r = None
+            raise UringUnavailable(errno.ENOSYS, "io_uring lacks opcodes the engine needs: "
+                                   + ", ".join(missing))
         self._pool_mem = mmap.mmap(-1, self._nbufs * self._bufsize)
         self._pool_ptr = ffi.from_buffer(self._pool_mem)
         err = lib.px_setup_bufring(self._r, self._pool_ptr, self._nbufs, self._bufsize)
