@@ -68,6 +68,7 @@ int px_listen(struct px_ring *r, int fd);
 int px_conn_new(struct px_ring *r, int fd, int read);
 uint32_t px_conn_gen(struct px_ring *r, int slot);
 int px_conn_fd(struct px_ring *r, int slot);
+int px_conn_state(struct px_ring *r, int slot, int *inflight);
 int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t len);
 int px_close(struct px_ring *r, int slot, uint32_t gen, int abort);
 int px_pause_reading(struct px_ring *r, int slot, uint32_t gen);
@@ -203,6 +204,8 @@ struct px_ring {
     char *pool; unsigned nbufs, bufsize;
     uint16_t *ret; unsigned nret;       /* buffers handed out this batch, returned next */
     int *rearm; unsigned nrearm;        /* recvs stopped by ENOBUFS, re-armed next batch */
+    int *dead; unsigned ndead;          /* closed slots, reusable once Python saw it */
+    unsigned ndead_seen;                /* the first ndead_seen were in a returned batch */
     /* connection table */
     struct px_conn *conns; int nconns; int conn_free;
     /* op table */
@@ -211,6 +214,7 @@ struct px_ring {
     int wake_fd; char wake_buf[64];
     /* events for Python */
     struct px_event ev[PX_MAX_EVENTS]; int nev;
+    int nev_taken;                      /* events returned by the last px_reap */
     struct io_uring_probe *probe;
 };
 
@@ -339,7 +343,7 @@ void px_destroy(struct px_ring *r)
     }
     for (int i = 0; i < r->nops; i++) free(r->ops[i].iov);
     if (r->probe) io_uring_free_probe(r->probe);
-    free(r->conns); free(r->ops); free(r->ret); free(r->rearm); free(r);
+    free(r->conns); free(r->ops); free(r->ret); free(r->rearm); free(r->dead); free(r);
 }
 
 int px_inflight(struct px_ring *r) { return (int)r->st.inflight; }
@@ -362,6 +366,9 @@ static int conn_alloc(struct px_ring *r, int fd, uint32_t flags)
         int *re = realloc(r->rearm, (size_t)r->nconns * sizeof(int));
         if (!re) return -ENOMEM;
         r->rearm = re;
+        int *de = realloc(r->dead, (size_t)r->nconns * sizeof(int));
+        if (!de) return -ENOMEM;
+        r->dead = de;
     }
     int slot = r->conn_free;
     struct px_conn *c = &r->conns[slot];
@@ -383,6 +390,14 @@ static struct px_conn *conn_get(struct px_ring *r, int slot, uint32_t gen)
 
 uint32_t px_conn_gen(struct px_ring *r, int slot) { return r->conns[slot].gen; }
 int px_conn_fd(struct px_ring *r, int slot) { return r->conns[slot].fd; }
+
+/* The slot's flags, and its requests in flight (for tests and debugging). */
+int px_conn_state(struct px_ring *r, int slot, int *inflight)
+{
+    if (slot < 0 || slot >= r->nconns) return -EINVAL;
+    *inflight = r->conns[slot].inflight;
+    return (int)r->conns[slot].flags;
+}
 
 static void arm_recv(struct px_ring *r, int slot)
 {
@@ -459,8 +474,9 @@ static void conn_finish(struct px_ring *r, int slot)
     px_emit(r, PX_EV_CLOSED, slot, c->err, c->err_kind);
     c->head = c->tail = NULL; c->queued = 0;
     c->flags = 0; c->fd = -1;
-    c->next_free = r->conn_free;
-    r->conn_free = slot;
+    /* Not reusable before the next batch: Python may still see events of this batch
+     * that mention the slot, and must not confuse a new connection with this one. */
+    r->dead[r->ndead++] = slot;
     r->st.conns--;
 }
 
@@ -740,7 +756,8 @@ static int px_handle(struct px_ring *r, struct io_uring_cqe *cqe)
     return 0;
 }
 
-/* Give back the buffers Python has copied out of, and re-arm recvs that hit ENOBUFS. */
+/* Give back the buffers Python has copied out of, free the slots closed last batch,
+ * and re-arm recvs that hit ENOBUFS. */
 static void px_return_buffers(struct px_ring *r)
 {
     if (r->nret) {
@@ -754,6 +771,13 @@ static void px_return_buffers(struct px_ring *r)
         r->st.bufs_out -= r->nret;
         r->nret = 0;
     }
+    for (unsigned i = 0; i < r->ndead_seen; i++) {
+        r->conns[r->dead[i]].next_free = r->conn_free;
+        r->conn_free = r->dead[i];
+    }
+    r->ndead -= r->ndead_seen;
+    memmove(r->dead, r->dead + r->ndead_seen, r->ndead * sizeof(int));
+    r->ndead_seen = 0;
     unsigned n = r->nrearm;
     r->nrearm = 0;
     for (unsigned i = 0; i < n; i++) {
@@ -772,8 +796,12 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
 {
     int ret;
     px_return_buffers(r);
-    r->nev = 0;
-    if (io_uring_cq_ready(&r->ring)) wait_nr = 0;     /* leftovers from a full batch */
+    /* Events emitted between two reaps (a px_close that finished at once) were not in
+     * the last batch: keep them, first in this one, and do not sleep on them. */
+    r->nev -= r->nev_taken;
+    if (r->nev) memmove(r->ev, r->ev + r->nev_taken, (size_t)r->nev * sizeof *r->ev);
+    r->nev_taken = 0;
+    if (r->nev || io_uring_cq_ready(&r->ring)) wait_nr = 0;
     if (wait_nr == 0) {
         ret = io_uring_submit_and_get_events(&r->ring);
     } else if (timeout_ns >= 0) {
@@ -795,6 +823,8 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
         seen++;
     }
     io_uring_cq_advance(&r->ring, seen);
+    r->nev_taken = r->nev;
+    r->ndead_seen = r->ndead;
     return r->nev;
 }
 

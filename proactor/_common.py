@@ -113,16 +113,23 @@ class Op:
             self._engine._cancel_op(self)
 
     def _complete(self, res: int) -> None:
-        """Record the final result (called once, on the I/O thread) and run the callback."""
+        """Record the final CQE's result (called once, on the I/O thread)."""
         if res < 0:
-            self._exc = os_error(res, self.name)
+            self._resolve(None, os_error(res, self.name))
         elif self._convert is not None:
             try:
-                self._value = self._convert(res)
+                value = self._convert(res)
             except BaseException as e:  # noqa: BLE001 - reported through result()
-                self._exc = e
+                self._resolve(None, e)
+            else:
+                self._resolve(value, None)
         else:
-            self._value = res
+            self._resolve(res, None)
+
+    def _resolve(self, value: Any, exc: Optional[BaseException]) -> None:
+        """Set the outcome, drop the pinned objects and run the callback."""
+        self._value = value
+        self._exc = exc
         self._done = True
         self._keep = None          # the kernel is done with them
         cb = self._callback
@@ -241,6 +248,8 @@ class WorkerPool:
         self.pending = 0
         self.paused = False        # the I/O thread has paused reading because of us
         self._stopping = False
+        self._batch: list = []          # I/O thread only: events of the current turn
+        self._paused_conns: list = []   # I/O thread only: paused for backpressure
         self._threads = [threading.Thread(target=self._work, name=f"proactor-worker-{i}",
                                           daemon=True) for i in range(workers)]
         for t in self._threads:

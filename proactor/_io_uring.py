@@ -355,6 +355,7 @@ class UringEngine:
         self._shutdown: Optional[dict] = None
         self._closed = False
         self._ran = False
+        self._final_stats: Optional[Stats] = None
 
     # ------------------------------------------------------------------ running
     def run(self, *, handle_signals: bool = True) -> None:
@@ -746,13 +747,50 @@ class UringEngine:
         pool = None
         if workers:
             pool = WorkerPool(self, workers, max_queue)
-            pool._batch = []
-            pool._paused_conns = []
             self._pools.append(pool)
         srv = UringServer(self, socks, handler_factory, pool)
         self._servers.append(srv)
         self._in_loop(srv._start)
         return srv
+
+    def connect_tcp(self, handler_factory: Callable[[], Handler], host: str, port: int,
+                    callback: Optional[Callable[[Op], Any]] = None, *,
+                    timeout: Optional[float] = None) -> Op:
+        """Open a client connection served by ``handler_factory()`` (on the engine's
+        thread). The returned op's result is the connection; the handler's
+        ``connection_made`` runs before ``callback``."""
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fd = s.detach()
+        result = Op(self, "connect", callback, None, None)
+
+        def connected(op: Op) -> None:
+            exc = op.exception()
+            if exc is not None:
+                os.close(fd)
+                result._resolve(None, exc)
+                return
+            r = self._r
+            slot = lib.px_conn_new(r, fd, 1)
+            if slot < 0:
+                os.close(fd)
+                result._resolve(None, os_error(slot, "connect"))
+                return
+            c = UringConnection(self, slot, lib.px_conn_gen(r, slot), fd, None, None)
+            self._set_conn(slot, c)
+            h = handler_factory()
+            c._handler = h
+            c._data_received = h.data_received
+            run_handler_event(c, MADE, None)
+            result._resolve(c, None)
+
+        try:
+            self.connect(fd, addr, connected, family=family, timeout=timeout)
+        except BaseException:
+            os.close(fd)
+            raise
+        return result
 
     # ------------------------------------------------------------------ low-level ops
     def _submit(self, op: Op, prep: Callable[..., int], *args: Any) -> Op:
@@ -970,6 +1008,8 @@ class UringEngine:
         queue = sum(p.pending for p in self._pools)
         pinned = len(self._ops) + len(self._registered)
         if r is None:
+            if self._final_stats is not None:
+                return self._final_stats
             return Stats(self.backend, 0, 0, 0, 0, self._nbufs, pinned, 0, queue, 0, 0, 0, 0)
         st = lib.px_get_stats(r)
         return Stats(
@@ -1036,6 +1076,8 @@ class UringEngine:
         self._release()
 
     def _release(self) -> None:
+        if self._r is not None:
+            self._final_stats = self.stats()     # what stats() shows once closed
         r = self._r
         self._r = None
         self._evq = None
