@@ -148,6 +148,9 @@ SOURCE = r"""
 #define PX_BGID 0
 #define PX_IOV_MAX 64
 #define PX_MAX_EVENTS 4096
+#define PX_CONN_BLOCK 1024
+#define PX_CONN_BLOCKS 1024                /* at most 1M connections per ring */
+#define CONN(r, slot) (&(r)->blocks[(slot) / PX_CONN_BLOCK][(slot) % PX_CONN_BLOCK])
 
 struct px_event { int64_t type; int64_t id; int64_t res; int64_t aux; };
 
@@ -207,7 +210,9 @@ struct px_ring {
     int *dead; unsigned ndead;          /* closed slots, reusable once Python saw it */
     unsigned ndead_seen;                /* the first ndead_seen were in a returned batch */
     /* connection table */
-    struct px_conn *conns; int nconns; int conn_free;
+    /* Connection slots live in fixed blocks that never move, so another thread may
+     * read a slot's counters (px_send_queued) while this one adds blocks. */
+    struct px_conn *blocks[PX_CONN_BLOCKS]; int nconns; int conn_free;
     /* op table */
     struct px_op *ops; int nops; int op_free;
     /* wakeup pipe */
@@ -338,12 +343,13 @@ void px_destroy(struct px_ring *r)
     io_uring_queue_exit(&r->ring);
     if (r->br) munmap(r->br, r->br_size);
     for (int i = 0; i < r->nconns; i++) {
-        struct px_chunk *c = r->conns[i].head;
+        struct px_chunk *c = CONN(r, i)->head;
         while (c) { struct px_chunk *n = c->next; free(c); c = n; }
     }
     for (int i = 0; i < r->nops; i++) free(r->ops[i].iov);
     if (r->probe) io_uring_free_probe(r->probe);
-    free(r->conns); free(r->ops); free(r->ret); free(r->rearm); free(r->dead); free(r);
+    for (int b = 0; b < r->nconns / PX_CONN_BLOCK; b++) free(r->blocks[b]);
+    free(r->ops); free(r->ret); free(r->rearm); free(r->dead); free(r);
 }
 
 int px_inflight(struct px_ring *r) { return (int)r->st.inflight; }
@@ -357,10 +363,13 @@ static int conn_alloc(struct px_ring *r, int fd, uint32_t flags)
 {
     if (r->conn_free < 0) {
         int old = r->nconns;
-        int *dummy = NULL; (void)dummy;
-        if (grow((void **)&r->conns, &r->nconns, sizeof *r->conns)) return -ENOMEM;
+        if (old / PX_CONN_BLOCK >= PX_CONN_BLOCKS) return -EMFILE;
+        struct px_conn *blk = calloc(PX_CONN_BLOCK, sizeof *blk);
+        if (!blk) return -ENOMEM;
+        r->blocks[old / PX_CONN_BLOCK] = blk;
+        r->nconns = old + PX_CONN_BLOCK;
         for (int i = r->nconns - 1; i >= old; i--) {
-            r->conns[i].next_free = r->conn_free;
+            CONN(r, i)->next_free = r->conn_free;
             r->conn_free = i;
         }
         int *re = realloc(r->rearm, (size_t)r->nconns * sizeof(int));
@@ -371,7 +380,7 @@ static int conn_alloc(struct px_ring *r, int fd, uint32_t flags)
         r->dead = de;
     }
     int slot = r->conn_free;
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     r->conn_free = c->next_free;
     uint32_t gen = c->gen + 1;
     memset(c, 0, sizeof *c);
@@ -383,25 +392,25 @@ static int conn_alloc(struct px_ring *r, int fd, uint32_t flags)
 static struct px_conn *conn_get(struct px_ring *r, int slot, uint32_t gen)
 {
     if (slot < 0 || slot >= r->nconns) return NULL;
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     if (!(c->flags & C_USED) || c->gen != gen) return NULL;
     return c;
 }
 
-uint32_t px_conn_gen(struct px_ring *r, int slot) { return r->conns[slot].gen; }
-int px_conn_fd(struct px_ring *r, int slot) { return r->conns[slot].fd; }
+uint32_t px_conn_gen(struct px_ring *r, int slot) { return CONN(r, slot)->gen; }
+int px_conn_fd(struct px_ring *r, int slot) { return CONN(r, slot)->fd; }
 
 /* The slot's flags, and its requests in flight (for tests and debugging). */
 int px_conn_state(struct px_ring *r, int slot, int *inflight)
 {
     if (slot < 0 || slot >= r->nconns) return -EINVAL;
-    *inflight = r->conns[slot].inflight;
-    return (int)r->conns[slot].flags;
+    *inflight = CONN(r, slot)->inflight;
+    return (int)CONN(r, slot)->flags;
 }
 
 static void arm_recv(struct px_ring *r, int slot)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     struct io_uring_sqe *s = px_sqe(r);
     if (!s) return;
     io_uring_prep_recv_multishot(s, c->fd, NULL, 0, 0);
@@ -414,7 +423,7 @@ static void arm_recv(struct px_ring *r, int slot)
 
 static void arm_accept(struct px_ring *r, int slot)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     struct io_uring_sqe *s = px_sqe(r);
     if (!s) return;
     io_uring_prep_multishot_accept(s, c->fd, NULL, NULL, SOCK_CLOEXEC);
@@ -429,7 +438,7 @@ static void cancel_recv(struct px_ring *r, int slot);
  * arrive (with -ECANCELED or their real result); the slot closes after the last one. */
 static void cancel_conn(struct px_ring *r, int slot)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     if (c->flags & C_CANCEL_SENT) return;
     struct io_uring_sqe *s = px_sqe(r);
     if (!s) return;
@@ -448,7 +457,7 @@ int px_listen(struct px_ring *r, int fd)
 
 int px_rearm_accept(struct px_ring *r, int slot)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     if ((c->flags & (C_CLOSING | C_RECV_ARMED)) || !(c->flags & C_LISTENER)) return 0;
     arm_accept(r, slot);
     return 1;
@@ -466,7 +475,7 @@ int px_conn_new(struct px_ring *r, int fd, int read)
  * queued, report PX_EV_CLOSED and put the slot back on the free list. */
 static void conn_finish(struct px_ring *r, int slot)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     close(c->fd);
     struct px_chunk *ch = c->head;
     while (ch) { struct px_chunk *n = ch->next; free(ch); ch = n; }
@@ -484,7 +493,7 @@ static void conn_finish(struct px_ring *r, int slot)
  * abort), cancel what is in flight; once nothing is in flight, finish it. */
 static void conn_progress_close(struct px_ring *r, int slot)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     if (!(c->flags & C_CLOSING)) return;
     if (!(c->flags & C_ABORT) && c->head) return;      /* still flushing */
     if (c->inflight == 0) { conn_finish(r, slot); return; }
@@ -495,7 +504,7 @@ static void conn_progress_close(struct px_ring *r, int slot)
  * into one sendmsg() (at most PX_IOV_MAX). */
 static void issue_send(struct px_ring *r, int slot)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     struct io_uring_sqe *s = px_sqe(r);
     if (!s) return;
     struct px_chunk *ch = c->head;
@@ -575,7 +584,7 @@ int px_close(struct px_ring *r, int slot, uint32_t gen, int abort)
 /* Cancel the connection's multishot recv (or accept), if one is armed. */
 static void cancel_recv(struct px_ring *r, int slot)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     if (!(c->flags & C_RECV_ARMED)) return;
     struct io_uring_sqe *s = px_sqe(r);
     if (!s) return;
@@ -614,7 +623,7 @@ static void record_err(struct px_conn *c, int res, int kind)
 
 static void on_accept(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     int more = cqe->flags & IORING_CQE_F_MORE;
     if (!more) { c->flags &= ~C_RECV_ARMED; c->inflight--; }
     if (cqe->res >= 0) {
@@ -635,7 +644,7 @@ static void on_accept(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
 
 static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     int more = cqe->flags & IORING_CQE_F_MORE;
     int res = cqe->res;
     if (!more) { c->flags &= ~C_RECV_ARMED; c->inflight--; }
@@ -675,7 +684,7 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
 
 static void on_send(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
 {
-    struct px_conn *c = &r->conns[slot];
+    struct px_conn *c = CONN(r, slot);
     int res = cqe->res;
     c->inflight--;
     c->flags &= ~C_SENDING;
@@ -729,8 +738,10 @@ static int px_handle(struct px_ring *r, struct io_uring_cqe *cqe)
     int kind = UD_KIND(ud), idx = UD_IDX(ud);
     /* worst case one CQE emits two events (data + eof/closed, or accept) */
     if (r->nev + 3 > PX_MAX_EVENTS) return -1;
-    r->st.completed++;
-    if (!(cqe->flags & IORING_CQE_F_MORE)) r->st.inflight--;
+    if (!(cqe->flags & IORING_CQE_F_MORE)) {     /* a request's final completion */
+        r->st.completed++;
+        r->st.inflight--;
+    }
     switch (kind) {
     case PX_K_RECV: on_recv(r, idx, cqe); break;
     case PX_K_SEND: on_send(r, idx, cqe); break;
@@ -742,7 +753,7 @@ static int px_handle(struct px_ring *r, struct io_uring_cqe *cqe)
     case PX_K_LINK: op_release(r, idx); break;
     case PX_K_CANCEL:
         if (idx >= 0 && (uint32_t)idx != 0xffffffffu && idx < r->nconns) {
-            struct px_conn *c = &r->conns[idx];
+            struct px_conn *c = CONN(r, idx);
             c->inflight--;
             if (c->flags & C_CLOSING) conn_progress_close(r, idx);
         }
@@ -772,7 +783,7 @@ static void px_return_buffers(struct px_ring *r)
         r->nret = 0;
     }
     for (unsigned i = 0; i < r->ndead_seen; i++) {
-        r->conns[r->dead[i]].next_free = r->conn_free;
+        CONN(r, r->dead[i])->next_free = r->conn_free;
         r->conn_free = r->dead[i];
     }
     r->ndead -= r->ndead_seen;
@@ -782,7 +793,7 @@ static void px_return_buffers(struct px_ring *r)
     r->nrearm = 0;
     for (unsigned i = 0; i < n; i++) {
         int slot = r->rearm[i];
-        struct px_conn *c = &r->conns[slot];
+        struct px_conn *c = CONN(r, slot);
         c->flags &= ~C_ENOBUFS;
         if ((c->flags & C_READ) && !(c->flags & C_RECV_ARMED)) arm_recv(r, slot);
     }

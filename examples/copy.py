@@ -16,16 +16,23 @@ that runs (``start()``) or is about to (``run()``).
 """
 from __future__ import annotations
 
-import argparse
-import errno
-import mmap
 import os
-import stat
 import sys
-import time
-from typing import Any, Callable, Optional
 
-import proactor
+if __name__ == "__main__":
+    # Run as a script, this file's directory comes first on sys.path and the file would
+    # shadow the standard library's ``copy`` module for everything imported below.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse  # noqa: E402
+import errno  # noqa: E402
+import mmap  # noqa: E402
+import stat  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable, Optional  # noqa: E402
+
+import proactor  # noqa: E402
 
 DEFAULT_QUEUE_DEPTH = 32
 DEFAULT_BLOCK_SIZE = 128 * 1024

@@ -168,11 +168,10 @@ class UringConnection:
         lib.px_send(self._r, self._slot, self._gen, data, len(data))
 
     def get_write_buffer_size(self) -> int:
-        """Bytes queued and not yet sent (call on the engine's thread)."""
+        """Bytes queued and not yet sent (from any thread: a snapshot)."""
         if self._closed:
             return 0
-        n = lib.px_send_queued(self._r, self._slot, self._gen)
-        return max(0, n)
+        return max(0, lib.px_send_queued(self._r, self._slot, self._gen))
 
     def when_drained(self, callback: Callable[[], Any]) -> None:
         """Run ``callback()`` on the engine's thread once everything queued is sent."""
