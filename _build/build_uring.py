@@ -150,6 +150,9 @@ SOURCE = r"""
 #define PX_MAX_EVENTS 4096
 #define PX_CONN_BLOCK 1024
 #define PX_CONN_BLOCKS 1024                /* at most 1M connections per ring */
+#define PX_OP_BLOCK 256
+#define PX_OP_BLOCKS 4096                  /* at most 1M ops in flight per ring */
+#define OP(r, idx) (&(r)->op_blocks[(idx) / PX_OP_BLOCK][(idx) % PX_OP_BLOCK])
 #define CONN(r, slot) (&(r)->blocks[(slot) / PX_CONN_BLOCK][(slot) % PX_CONN_BLOCK])
 
 struct px_event { int64_t type; int64_t id; int64_t res; int64_t aux; };
@@ -214,7 +217,10 @@ struct px_ring {
      * read a slot's counters (px_send_queued) while this one adds blocks. */
     struct px_conn *blocks[PX_CONN_BLOCKS]; int nconns; int conn_free;
     /* op table */
-    struct px_op *ops; int nops; int op_free;
+    /* Op records in fixed blocks too: an SQE points into its record (timespec,
+     * sockaddr, msghdr) until it is submitted, so records must never move. */
+    struct px_op *op_blocks[PX_OP_BLOCKS]; int nops; int op_free;
+    int *op_dead; unsigned nop_dead;    /* finished ops, reusable from the next batch */
     /* wakeup pipe */
     int wake_fd; char wake_buf[64];
     /* events for Python */
@@ -241,16 +247,6 @@ static void px_emit(struct px_ring *r, int type, int64_t id, int64_t res, int64_
 {
     struct px_event *e = &r->ev[r->nev++];
     e->type = type; e->id = id; e->res = res; e->aux = aux;
-}
-
-static int grow(void **arr, int *n, size_t elem)
-{
-    int nn = *n ? *n * 2 : 256;
-    void *p = realloc(*arr, (size_t)nn * elem);
-    if (!p) return -ENOMEM;
-    memset((char *)p + (size_t)*n * elem, 0, (size_t)(nn - *n) * elem);
-    *arr = p; *n = nn;
-    return 0;
 }
 
 /* ------------------------------------------------------------------ ring setup */
@@ -346,10 +342,11 @@ void px_destroy(struct px_ring *r)
         struct px_chunk *c = CONN(r, i)->head;
         while (c) { struct px_chunk *n = c->next; free(c); c = n; }
     }
-    for (int i = 0; i < r->nops; i++) free(r->ops[i].iov);
+    for (int i = 0; i < r->nops; i++) free(OP(r, i)->iov);
+    for (int b = 0; b < r->nops / PX_OP_BLOCK; b++) free(r->op_blocks[b]);
     if (r->probe) io_uring_free_probe(r->probe);
     for (int b = 0; b < r->nconns / PX_CONN_BLOCK; b++) free(r->blocks[b]);
-    free(r->ops); free(r->ret); free(r->rearm); free(r->dead); free(r);
+    free(r->ret); free(r->rearm); free(r->dead); free(r->op_dead); free(r);
 }
 
 int px_inflight(struct px_ring *r) { return (int)r->st.inflight; }
@@ -723,11 +720,12 @@ static void on_send(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
 
 static void op_release(struct px_ring *r, int idx)
 {
-    struct px_op *o = &r->ops[idx];
+    struct px_op *o = OP(r, idx);
     if (--o->pending > 0) return;
     free(o->iov); o->iov = NULL;
-    o->next_free = r->op_free;
-    r->op_free = idx;
+    /* Not reusable before the next batch: a callback run for this batch may submit a
+     * new op, which must not take an index that a later CQE of the batch names. */
+    r->op_dead[r->nop_dead++] = idx;
     r->st.ops--;
 }
 
@@ -786,6 +784,11 @@ static void px_return_buffers(struct px_ring *r)
         CONN(r, r->dead[i])->next_free = r->conn_free;
         r->conn_free = r->dead[i];
     }
+    for (unsigned i = 0; i < r->nop_dead; i++) {
+        OP(r, r->op_dead[i])->next_free = r->op_free;
+        r->op_free = r->op_dead[i];
+    }
+    r->nop_dead = 0;
     r->ndead -= r->ndead_seen;
     memmove(r->dead, r->dead + r->ndead_seen, r->ndead * sizeof(int));
     r->ndead_seen = 0;
@@ -845,14 +848,20 @@ static int op_alloc(struct px_ring *r)
 {
     if (r->op_free < 0) {
         int old = r->nops;
-        if (grow((void **)&r->ops, &r->nops, sizeof *r->ops)) return -ENOMEM;
+        if (old / PX_OP_BLOCK >= PX_OP_BLOCKS) return -EBUSY;
+        struct px_op *blk = calloc(PX_OP_BLOCK, sizeof *blk);
+        int *dead = realloc(r->op_dead, (size_t)(old + PX_OP_BLOCK) * sizeof(int));
+        if (!blk || !dead) { free(blk); if (dead) r->op_dead = dead; return -ENOMEM; }
+        r->op_dead = dead;
+        r->op_blocks[old / PX_OP_BLOCK] = blk;
+        r->nops = old + PX_OP_BLOCK;
         for (int i = r->nops - 1; i >= old; i--) {
-            r->ops[i].next_free = r->op_free;
+            OP(r, i)->next_free = r->op_free;
             r->op_free = i;
         }
     }
     int idx = r->op_free;
-    struct px_op *o = &r->ops[idx];
+    struct px_op *o = OP(r, idx);
     r->op_free = o->next_free;
     o->gen++;
     o->pending = 1;
@@ -865,7 +874,7 @@ static int op_alloc(struct px_ring *r)
 /* Finish preparing an op's SQE: tag it, and attach a linked timeout if asked. */
 static int op_submit(struct px_ring *r, int idx, struct io_uring_sqe *s, int64_t tmo_ns)
 {
-    struct px_op *o = &r->ops[idx];
+    struct px_op *o = OP(r, idx);
     io_uring_sqe_set_data64(s, UD(PX_K_OP, idx));
     if (tmo_ns >= 0) {
         /* reserve the linked SQE now so the pair cannot be split by a full SQ */
@@ -894,7 +903,7 @@ static struct io_uring_sqe *op_sqe(struct px_ring *r, int64_t tmo_ns)
 #define OP_BEGIN(tmo)                                   \
     int idx = op_alloc(r);                              \
     if (idx < 0) return idx;                            \
-    struct px_op *o = &r->ops[idx]; (void)o;            \
+    struct px_op *o = OP(r, idx); (void)o;            \
     struct io_uring_sqe *s = op_sqe(r, tmo);            \
     if (!s) { op_release(r, idx); return -EBUSY; }
 
@@ -1041,7 +1050,7 @@ int px_op_nop(struct px_ring *r)
 int px_op_cancel(struct px_ring *r, int index)
 {
     if (index < 0 || index >= r->nops) return -EINVAL;
-    struct px_op *o = &r->ops[index];
+    struct px_op *o = OP(r, index);
     if (o->cancelled) return 0;
     struct io_uring_sqe *s = px_sqe(r);
     if (!s) return -EBUSY;
