@@ -81,6 +81,7 @@ class FileCopy:
         self._next = 0                # file offset of the next block to start
         self._active = 0              # slots with an op in flight
         self._registered = False
+        self._dst_regular = False
         self._mem: Any = None
         # per slot: [block offset, block length, bytes read, bytes written]
         self._slots: list[list[int]] = []
@@ -123,7 +124,12 @@ class FileCopy:
             if (st.st_dev, st.st_ino) == (self._src_stat.st_dev, self._src_stat.st_ino):
                 return self._finish(OSError(errno.EINVAL, "source and destination are the "
                                             "same file", os.fsdecode(self.dst)))
-            os.ftruncate(self.dst_fd, 0)
+            self._dst_regular = stat.S_ISREG(st.st_mode)
+            # Truncate only what has data (not /dev/null, not a file we just created):
+            # on ext4 a truncate to 0 also makes close() start writeback of the whole
+            # file (auto_da_alloc), which would cost a new file ~0.2 s per GiB.
+            if self._dst_regular and st.st_size:
+                os.ftruncate(self.dst_fd, 0)
         except OSError as e:
             return self._finish(_error(e, "cannot truncate destination", self.dst))
         if self.size == 0:
@@ -152,10 +158,12 @@ class FileCopy:
     # ------------------------------------------------------------------ the blocks
     #
     # Submissions never happen inside a completion callback: they are deferred with
-    # call_soon to the next loop turn. The engine (0.1.0) reuses the index of an op
-    # whose completion is still waiting later in the same dispatch batch if a callback
-    # submits a new op, and then hands that completion to the new op (see the report
-    # in bench/README.md). Deferring costs one deque append/pop per op.
+    # call_soon to the next loop turn. Workaround for an engine bug (0.1.0): the C layer
+    # frees an op's index when it reaps the CQE, so an op submitted from a callback can
+    # take the index of a completion still waiting later in the same batch; that
+    # completion is then delivered to the new op and the old op's callback never runs
+    # (a hang, or a write reported done before it happened). Deferring costs one deque
+    # append/pop per op.
 
     def _start_block(self, i: int) -> bool:
         """Give slot ``i`` the next block; False when there is none left."""
@@ -257,7 +265,7 @@ class FileCopy:
         self.finished = True
         if exc is None and self.error is not None:
             exc = self.error
-        if exc is None and self.shrunk:
+        if exc is None and self.shrunk and self._dst_regular:
             # blocks past the new end may have been read before SRC shrank: cut them off
             try:
                 os.ftruncate(self.dst_fd, self.end)
