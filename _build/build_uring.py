@@ -81,10 +81,10 @@ int px_rearm_accept(struct px_ring *r, int slot);
 int px_op_read(struct px_ring *r, int fd, char *buf, unsigned len, uint64_t off, int64_t tmo_ns);
 int px_op_write(struct px_ring *r, int fd, const char *buf, unsigned len, uint64_t off,
                 int64_t tmo_ns);
-int px_op_read_fixed(struct px_ring *r, int fd, char *buf, unsigned len, uint64_t off,
-                     int index, int64_t tmo_ns);
-int px_op_write_fixed(struct px_ring *r, int fd, const char *buf, unsigned len, uint64_t off,
-                      int index, int64_t tmo_ns);
+int px_op_read_fixed(struct px_ring *r, int fd, int index, size_t buf_off, unsigned len,
+                     uint64_t off, int64_t tmo_ns);
+int px_op_write_fixed(struct px_ring *r, int fd, int index, size_t buf_off, unsigned len,
+                      uint64_t off, int64_t tmo_ns);
 int px_op_send(struct px_ring *r, int fd, const char *buf, unsigned len, int flags,
                int64_t tmo_ns);
 int px_op_recv(struct px_ring *r, int fd, char *buf, unsigned len, int flags, int64_t tmo_ns);
@@ -221,6 +221,7 @@ struct px_ring {
      * sockaddr, msghdr) until it is submitted, so records must never move. */
     struct px_op *op_blocks[PX_OP_BLOCKS]; int nops; int op_free;
     int *op_dead; unsigned nop_dead;    /* finished ops, reusable from the next batch */
+    struct iovec *fixed; int nfixed;    /* registered buffers */
     /* wakeup pipe */
     int wake_fd; char wake_buf[64];
     /* events for Python */
@@ -346,7 +347,7 @@ void px_destroy(struct px_ring *r)
     for (int b = 0; b < r->nops / PX_OP_BLOCK; b++) free(r->op_blocks[b]);
     if (r->probe) io_uring_free_probe(r->probe);
     for (int b = 0; b < r->nconns / PX_CONN_BLOCK; b++) free(r->blocks[b]);
-    free(r->ret); free(r->rearm); free(r->dead); free(r->op_dead); free(r);
+    free(r->fixed); free(r->ret); free(r->rearm); free(r->dead); free(r->op_dead); free(r);
 }
 
 int px_inflight(struct px_ring *r) { return (int)r->st.inflight; }
@@ -922,17 +923,30 @@ int px_op_write(struct px_ring *r, int fd, const char *buf, unsigned len, uint64
     return op_submit(r, idx, s, tmo_ns);
 }
 
-int px_op_read_fixed(struct px_ring *r, int fd, char *buf, unsigned len, uint64_t off,
-                     int index, int64_t tmo_ns)
+/* Address of [buf_off, buf_off+len) inside registered buffer `index`, or NULL. */
+static char *fixed_ptr(struct px_ring *r, int index, size_t buf_off, unsigned len)
 {
+    if (index < 0 || index >= r->nfixed) return NULL;
+    struct iovec *v = &r->fixed[index];
+    if (buf_off > v->iov_len || len > v->iov_len - buf_off) return NULL;
+    return (char *)v->iov_base + buf_off;
+}
+
+int px_op_read_fixed(struct px_ring *r, int fd, int index, size_t buf_off, unsigned len,
+                     uint64_t off, int64_t tmo_ns)
+{
+    char *buf = fixed_ptr(r, index, buf_off, len);
+    if (!buf) return -EINVAL;
     OP_BEGIN(tmo_ns)
     io_uring_prep_read_fixed(s, fd, buf, len, off, index);
     return op_submit(r, idx, s, tmo_ns);
 }
 
-int px_op_write_fixed(struct px_ring *r, int fd, const char *buf, unsigned len, uint64_t off,
-                      int index, int64_t tmo_ns)
+int px_op_write_fixed(struct px_ring *r, int fd, int index, size_t buf_off, unsigned len,
+                      uint64_t off, int64_t tmo_ns)
 {
+    char *buf = fixed_ptr(r, index, buf_off, len);
+    if (!buf) return -EINVAL;
     OP_BEGIN(tmo_ns)
     io_uring_prep_write_fixed(s, fd, buf, len, off, index);
     return op_submit(r, idx, s, tmo_ns);
@@ -1076,13 +1090,18 @@ int px_register_buffers(struct px_ring *r, char **bufs, size_t *lens, int n)
     if (!iov) return -ENOMEM;
     for (int i = 0; i < n; i++) { iov[i].iov_base = bufs[i]; iov[i].iov_len = lens[i]; }
     int ret = io_uring_register_buffers(&r->ring, iov, n);
-    free(iov);
+    if (ret < 0) { free(iov); return ret; }
+    free(r->fixed);
+    r->fixed = iov;             /* kept: fixed ops find their addresses here */
+    r->nfixed = n;
     return ret;
 }
 
 int px_unregister_buffers(struct px_ring *r)
 {
-    return io_uring_unregister_buffers(&r->ring);
+    int ret = io_uring_unregister_buffers(&r->ring);
+    if (ret == 0) { free(r->fixed); r->fixed = NULL; r->nfixed = 0; }
+    return ret;
 }
 """
 

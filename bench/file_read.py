@@ -4,7 +4,7 @@ usage: python bench/file_read.py [--path P] [--size 1G] [--seconds 3] [--rounds 
                                  [--depth 64] [--threads 16] [--block 4096] [--cpus 0]
 
 * proactor/read_fixed: 64 registered buffers, one ``read_fixed`` in flight per buffer;
-  each completion submits the next read (deferred with ``call_soon``, see below).
+  each completion callback submits the next read.
 * proactor/readinto: the same with ``engine.readinto`` into 64 plain ``bytearray``s.
 * threads: ``concurrent.futures.ThreadPoolExecutor(16)`` running ``os.pread``, 64 futures
   in flight; each future's done-callback submits the next one.
@@ -15,10 +15,6 @@ random block-aligned offsets, the same for every contender. Runs are interleaved
 by round (the machine is noisy) and the medians are printed with the ratio to threads.
 By default the process (and so the thread pool and io_uring's workers) is pinned to CPU 0,
 as compare.py pins servers; ``--cpus all`` leaves it unpinned.
-
-Completions submit their next read from a ``call_soon`` callback rather than from the
-completion callback itself: proactor 0.1.0 can hand a completion to the wrong op when an
-op is submitted inside a completion callback (op index reuse within a dispatch batch).
 """
 from __future__ import annotations
 
@@ -88,7 +84,6 @@ def run_proactor(fd: int, offs: array, depth: int, block: int, seconds: float,
     engine = proactor.Engine()
     mask = len(offs) - 1
     st = {"n": 0, "k": 0, "stop": False, "inflight": 0, "t0": 0.0, "t1": 0.0}
-    soon = engine.call_soon
 
     if op == "read_fixed":
         read_fixed = engine.read_fixed
@@ -112,7 +107,7 @@ def run_proactor(fd: int, offs: array, depth: int, block: int, seconds: float,
                 raise RuntimeError(f"short read: {o.result()}")
             st["n"] += 1
             if not st["stop"]:
-                soon(submit, i)
+                submit(i)
             else:
                 st["inflight"] -= 1
                 if st["inflight"] == 0:

@@ -66,7 +66,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from ._common import (DATA, EOF, LOST, MADE, Handler, Op, Stats, Timers, WorkerPool,
-                      handler_failed, run_handler_event)
+                      bind_tcp, handler_failed, run_handler_event)
 from ._diagnose import OPCODES, REQUIRED
 from ._errors import EngineClosed, UringUnavailable, os_error
 
@@ -592,6 +592,7 @@ class UringEngine:
         vals = self._evq[: 4 * n].tolist()
         conns = self._conns
         pool_mem = self._pool_mem
+        ops_pop = self._ops.pop
         touched: Optional[list] = None
         it = iter(vals)
         for t, i, res, aux in zip(it, it, it, it):
@@ -614,8 +615,10 @@ class UringEngine:
                     if p.pending + len(p._batch) >= p.max_queue:
                         self._backpressure(p, c)
             elif t == EV_OP:
-                op = self._ops.pop(i, None)
-                if op is not None:
+                op = ops_pop(i)
+                if res >= 0 and op._convert is None:
+                    op._resolve(res, None)          # the common case, inline
+                else:
                     self._finish_op(op, res)
             elif t == EV_ACCEPT:
                 srv = conns[i]
@@ -742,7 +745,7 @@ class UringEngine:
         the engine runs. Callable from any thread."""
         if self._closed or self._shutdown is not None:
             raise EngineClosed("the engine is shut down")
-        socks = _bind_tcp(host, port, backlog, reuse_port)
+        socks = bind_tcp(host, port, backlog, reuse_port)
         pool = None
         if workers:
             pool = WorkerPool(self, workers, max_queue)
@@ -972,29 +975,25 @@ class UringEngine:
             raise os_error(err, "unregister_buffers")
         self._registered = []
 
-    def _fixed(self, index: int, nbytes: int, buf_offset: int) -> Any:
-        buf, cbuf = self._registered[index]
-        if buf_offset < 0 or nbytes < 0 or buf_offset + nbytes > len(cbuf):
-            raise ValueError("range outside the registered buffer")
-        return cbuf + buf_offset
-
     def read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
                    callback: Callable[[Op], Any], *, buf_offset: int = 0,
                    timeout: Optional[float] = None) -> Op:
-        """Read into registered buffer ``index``; result: bytes read."""
-        ptr = self._fixed(index, nbytes, buf_offset)
-        op = self._op("read_fixed", callback, self._registered[index], None, timeout)
-        return self._submit(op, lib.px_op_read_fixed, fd, ptr, nbytes, offset & (2**64 - 1),
-                            index, self._tmo(timeout))
+        """Read into registered buffer ``index`` (from ``buf_offset``); result: bytes read.
+        A range outside the buffer ends the op with EINVAL."""
+        op = Op(self, "read_fixed", callback, None, None)   # the engine pins registered
+        op._timed = timeout is not None                      # buffers itself
+        return self._submit(op, lib.px_op_read_fixed, fd, index, buf_offset, nbytes,
+                            offset & 0xFFFFFFFFFFFFFFFF, -1 if timeout is None else self._tmo(timeout))
 
     def write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
                     callback: Callable[[Op], Any], *, buf_offset: int = 0,
                     timeout: Optional[float] = None) -> Op:
-        """Write from registered buffer ``index``; result: bytes written."""
-        ptr = self._fixed(index, nbytes, buf_offset)
-        op = self._op("write_fixed", callback, self._registered[index], None, timeout)
-        return self._submit(op, lib.px_op_write_fixed, fd, ptr, nbytes, offset & (2**64 - 1),
-                            index, self._tmo(timeout))
+        """Write from registered buffer ``index`` (from ``buf_offset``); result: bytes
+        written. A range outside the buffer ends the op with EINVAL."""
+        op = Op(self, "write_fixed", callback, None, None)
+        op._timed = timeout is not None
+        return self._submit(op, lib.px_op_write_fixed, fd, index, buf_offset, nbytes,
+                            offset & 0xFFFFFFFFFFFFFFFF, -1 if timeout is None else self._tmo(timeout))
 
     def _check_loop(self, what: str) -> None:
         if _get_ident() != self._thread_id:
@@ -1112,30 +1111,3 @@ class _LateTimer:
         self.cancelled = True
         if self._h is not None:
             self._h.cancel()
-
-
-def _bind_tcp(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> list:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list = []
-    try:
-        for family, type_, proto, _, addr in infos:
-            s = socket.socket(family, type_, proto)
-            socks.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(socks) > 1:
-                addr = (addr[0], socks[0].getsockname()[1]) + tuple(addr[2:])
-            try:
-                s.bind(addr)
-            except OSError as e:
-                raise OSError(e.errno, f"error while attempting to bind on address "
-                                       f"{addr!r}: {e.strerror}") from None
-            s.listen(backlog)
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
-    return socks
