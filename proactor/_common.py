@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
+import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -19,7 +21,7 @@ from ._errors import os_error
 
 logger = logging.getLogger("proactor")
 
-__all__ = ["Handler", "Stats", "Op", "TimerHandle", "WorkerPool"]
+__all__ = ["Handler", "Stats", "Op", "TimerHandle", "WorkerPool", "bind_tcp"]
 
 
 class Handler:
@@ -131,7 +133,6 @@ class Op:
         self._value = value
         self._exc = exc
         self._done = True
-        self._keep = None          # the kernel is done with them
         cb = self._callback
         self._callback = None
         if cb is not None:
@@ -139,6 +140,7 @@ class Op:
                 cb(self)
             except Exception:
                 logger.exception("callback of %s raised", self.name)
+        self._keep = None          # the kernel is done with them, and so is the callback
 
     def __repr__(self) -> str:
         state = "done" if self._done else "pending"
@@ -315,3 +317,40 @@ class WorkerPool:
                 continue
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
+
+
+def bind_tcp(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> list:
+    """Listening sockets for every address ``getaddrinfo(host, port)`` gives (passive).
+
+    Binds and listens now, so errors (``EADDRINUSE``...) raise here as ``OSError`` naming
+    the address. With ``port=0`` every address gets the port the first one was given.
+    ``SO_REUSEADDR`` is set except on Windows, where it would let another socket steal
+    the port; ``reuse_port`` needs ``SO_REUSEPORT`` (Linux, BSD, macOS).
+    """
+    if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("reuse_port=True is not supported on this platform")
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list = []
+    try:
+        for family, type_, proto, _, addr in infos:
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            if sys.platform != "win32":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:
+                addr = (addr[0], socks[0].getsockname()[1]) + tuple(addr[2:])
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise OSError(e.errno, f"error while attempting to bind on address "
+                                       f"{addr!r}: {e.strerror}") from None
+            s.listen(backlog)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks

@@ -345,6 +345,7 @@ class UringEngine:
         self._servers: list[UringServer] = []
         self._pools: list[WorkerPool] = []
         self._registered: list = []
+        self._fixed_lens: list[int] = []
         self._pool_mem: Any = None
         self._pool_ptr: Any = None
         self._evq: Any = None
@@ -965,6 +966,7 @@ class UringEngine:
         if err < 0:
             raise os_error(err, "register_buffers")
         self._registered = list(zip(buffers, cbufs))
+        self._fixed_lens = [len(c) for c in cbufs]
 
     def unregister_buffers(self) -> None:
         self._check_loop("unregister_buffers")
@@ -974,12 +976,21 @@ class UringEngine:
         if err < 0:
             raise os_error(err, "unregister_buffers")
         self._registered = []
+        self._fixed_lens = []
+
+    def _check_fixed(self, index: int, nbytes: int, buf_offset: int) -> None:
+        lens = self._fixed_lens
+        if not 0 <= index < len(lens):
+            raise ValueError(f"no registered buffer {index}")
+        if buf_offset < 0 or nbytes < 0 or buf_offset + nbytes > lens[index]:
+            raise ValueError("range outside the registered buffer")
 
     def read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
                    callback: Callable[[Op], Any], *, buf_offset: int = 0,
                    timeout: Optional[float] = None) -> Op:
         """Read into registered buffer ``index`` (from ``buf_offset``); result: bytes read.
-        A range outside the buffer ends the op with EINVAL."""
+        A range outside the buffer raises ValueError."""
+        self._check_fixed(index, nbytes, buf_offset)
         op = Op(self, "read_fixed", callback, None, None)   # the engine pins registered
         op._timed = timeout is not None                      # buffers itself
         return self._submit(op, lib.px_op_read_fixed, fd, index, buf_offset, nbytes,
@@ -989,7 +1000,8 @@ class UringEngine:
                     callback: Callable[[Op], Any], *, buf_offset: int = 0,
                     timeout: Optional[float] = None) -> Op:
         """Write from registered buffer ``index`` (from ``buf_offset``); result: bytes
-        written. A range outside the buffer ends the op with EINVAL."""
+        written. A range outside the buffer raises ValueError."""
+        self._check_fixed(index, nbytes, buf_offset)
         op = Op(self, "write_fixed", callback, None, None)
         op._timed = timeout is not None
         return self._submit(op, lib.px_op_write_fixed, fd, index, buf_offset, nbytes,
@@ -1054,7 +1066,8 @@ class UringEngine:
         if sd["phase"] == 3:
             if "hard" not in sd:
                 sd["hard"] = now + 5.0
-                for idx in list(self._ops):
+                for idx, op in list(self._ops.items()):
+                    op._cancel_req = True      # reported as ECANCELED, not a timeout
                     lib.px_op_cancel(self._r, idx)
                 lib.px_stop_wakeup(self._r)
             if (lib.px_inflight(self._r) == 0 and not self._ops

@@ -1,0 +1,1586 @@
+"""The trio backend: the Proactor simulated on synchronous (readiness-based) I/O.
+
+Where io_uring is missing (macOS, Windows, Linux with seccomp blocking it) this module
+gives the same engine API as :mod:`proactor._io_uring`, with trio doing the waiting:
+trio tasks wait until a descriptor is ready, perform the non-blocking call themselves,
+and turn each finished operation into a completion event for the handler. It imports
+neither the cffi extension nor anything Linux-only.
+
+Theory of operation
+===================
+
+The loop
+--------
+* **One thread runs** ``trio.run`` (the I/O thread): :meth:`TrioEngine.run` runs it in
+  the calling thread, :meth:`TrioEngine.start` on a background one. Every socket call,
+  every handler call with ``workers=0`` and every op callback happens there.
+* **The cross-thread entry** is trio's own: ``TrioToken.run_sync_soon``, which appends to
+  trio's queue and writes one byte to trio's wakeup socketpair - no polling. Other
+  threads (workers, a ``conn.send()`` from anywhere) append ``(fn, args)`` to a deque and
+  call ``run_sync_soon(self._run_cmds)`` only when no such call is pending, so a burst
+  of sends from the workers costs one wakeup. Before the loop runs, the deque just
+  fills up; the loop drains it first thing.
+* **A scheduler task** runs what the I/O thread queued for "soon" (``call_soon``,
+  deferred closes), the ``call_later``/``call_at`` timer heap, and hands the worker
+  pools their events once per loop turn: a task rescheduled during one trio batch runs
+  in the next, after every reader that ran in this one has queued its events. When
+  there is nothing to do it is parked (``wait_task_rescheduled``) with the next timer
+  as its deadline, so an idle engine sleeps in ``epoll_wait``/``kqueue``/IOCP.
+
+Connections
+-----------
+* **Tasks per connection.** A *reader* task per connection: ``wait_readable``, one
+  ``recv``, deliver ``data_received`` (or queue it to the pool), repeat. A *writer* task
+  exists only while data is queued: ``conn.send()`` on the I/O thread first tries the
+  non-blocking ``send`` itself, and only what the kernel did not take is queued; the
+  writer waits for writability and drains the queue in order (gathered into one
+  ``sendmsg`` where the platform has it). Order holds because nothing is sent directly
+  while anything is queued.
+* **Close and abort map onto cancel scopes.** Each reader runs in the connection's
+  read scope, each writer in its write scope. ``close()`` cancels the read scope (stop
+  reading now) and lets the writer drain the queue; ``abort()`` drops the queue and
+  cancels both. Reading pauses (``pause_reading``, worker-pool backpressure, shutdown)
+  do not cancel: the reader parks before its next ``recv`` and the kernel keeps the data.
+* **Final completion.** A connection is finished when its closing was requested and
+  both its tasks have *exited* (a cancel is only a request; the task still has to
+  unwind). Only then is the socket closed (after ``notify_closing``) and
+  ``connection_lost`` delivered - exactly once, after every other event of the
+  connection.
+
+Low-level operations
+--------------------
+* Each op is a task in its own cancel scope (with the ``timeout=`` as its deadline).
+  ``op.cancel()`` cancels the scope; the op ends with ``ECANCELED`` (``ETIMEDOUT`` when
+  the deadline fired) when the task caught that cancellation, else with its real
+  result - a cancel can lose the race, as with io_uring. The callback runs when the
+  task has ended: nothing touches the op's buffers after that (the op holds them until
+  then), which is this backend's "final completion".
+* Sockets, pipes and character devices: wait for readiness, then one non-blocking call.
+  Socket ops on raw fds borrow a ``socket.socket(fileno=fd)`` for the call and
+  ``detach()`` it afterwards (no dup, the fd is never closed by it); ``MSG_DONTWAIT``
+  keeps the call from blocking where it exists, else (Windows) the borrowed socket is
+  switched to non-blocking mode. ``accept``, ``connect`` and writes to a blocking pipe
+  switch ``O_NONBLOCK`` on for the call only. Waits on one fd by several ops share one
+  trio wait (trio allows one waiter per fd and direction).
+* Regular files (and everything on Windows that is not a socket) are read and written
+  in ``trio.to_thread.run_sync`` with ``abandon_on_cancel=False``: blocking file I/O never
+  runs on the I/O thread, and a cancel while the thread runs waits for the thread (its
+  real result wins). ``os.pread``/``os.pwrite`` where they exist, else a per-fd lock
+  around ``lseek`` + ``read``/``write`` that restores the file position.
+
+Shutdown
+--------
+As in the io_uring engine: stop accepting and reading, let the worker pools drain, close
+every connection gracefully (queued data is flushed), abort what is left at the
+deadline, cancel the low-level ops and wait for their final completions, then end the
+loop and join the workers. Every socket the engine opened is closed by then.
+"""
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import math
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from itertools import islice
+from typing import Any, Callable, Iterable, Optional
+
+import trio
+
+from ._common import (DATA, EOF, LOST, MADE, Handler, Op, Stats, TimerHandle, Timers,
+                      WorkerPool, bind_tcp, handler_failed, run_handler_event)
+from ._errors import EngineClosed, os_error
+
+logger = logging.getLogger("proactor")
+
+__all__ = ["TrioEngine", "TrioConnection", "TrioServer", "backend"]
+
+backend = "trio"
+
+_WINDOWS = sys.platform == "win32"
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+
+#: Per-call "do not block" flag for socket calls (absent on Windows).
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
+_IOV_MAX = 64
+#: connect_ex results that mean "in progress".
+_CONNECT_PENDING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
+                    getattr(errno, "WSAEWOULDBLOCK", -1)}
+#: accept errors that concern only the connection being accepted.
+_ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO if hasattr(errno, "EPROTO") else -1,
+                     errno.EINTR, errno.EAGAIN}
+_AT_FDCWD = -100
+
+# fd kinds for the low-level ops
+_FILE, _STREAM, _SOCK = range(3)
+
+
+class TrioConnection:
+    """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
+    called from any thread; everything else from the handler (or the engine's thread)."""
+
+    __slots__ = ("_engine", "_sock", "_fd", "_handler", "_data_received", "_wpool", "_wq",
+                 "_wsched", "_closing", "_closed", "_aborted", "_fail_exc", "_user_paused",
+                 "_bp_paused", "_sd_paused", "_no_read", "_rpark", "_drain_cbs", "_sendq",
+                 "_sendq_bytes", "_writing", "_tasks", "_rscope", "_wscope", "server",
+                 "__weakref__")
+
+    def __init__(self, engine: TrioEngine, sock: socket.socket, server: Optional[TrioServer],
+                 pool: Optional[WorkerPool]) -> None:
+        self._engine = engine
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._handler: Any = None
+        self._data_received: Any = None
+        self._wpool = pool
+        self._wq: list = []              # the worker pool's queue of this connection
+        self._wsched = False             # on the pool's ready queue
+        self._closing = False
+        self._closed = False
+        self._aborted = False
+        self._fail_exc: Optional[BaseException] = None
+        self._user_paused = False
+        self._bp_paused = False          # paused by worker-pool backpressure
+        self._sd_paused = False          # paused by the shutdown
+        self._no_read = False            # any of the three
+        self._rpark: Any = None          # trio.Event the paused reader waits on
+        self._drain_cbs: Optional[list] = None
+        self._sendq: deque = deque()     # what the kernel has not taken yet, in order
+        self._sendq_bytes = 0
+        self._writing = False            # a writer task exists
+        self._tasks = 0                  # reader + writer tasks not yet exited
+        self._rscope = trio.CancelScope()
+        self._wscope: Any = None
+        self.server = server
+
+    # -- sending
+    def send(self, data: Any) -> None:
+        """Queue ``data`` (bytes-like, copied) to be sent after what was queued before.
+
+        Raises ``BrokenPipeError`` once the connection is closing or closed. Bytes that
+        cannot be delivered because the connection fails later are reported through
+        ``connection_lost(conn, exc)``."""
+        if self._closing:
+            raise os_error(errno.EPIPE, "send")
+        if type(data) is not bytes:
+            data = bytes(data)
+        if _get_ident() == self._engine._thread_id:
+            self._send_now(data)
+        else:
+            self._engine._post(self._send_now, data)
+
+    def writelines(self, chunks: Iterable[Any]) -> None:
+        """Queue several chunks; queued chunks go out gathered into one ``sendmsg``."""
+        for c in chunks:
+            self.send(c)
+
+    def _send_now(self, data: Any) -> None:
+        if self._closed or self._aborted or not data:
+            return
+        eng = self._engine
+        if not self._sendq:
+            try:
+                n = self._sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self._fail(os_error(e.errno or errno.EIO, "send"))
+                return
+            eng._ncompleted += 1
+            eng._bytes_out += n
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+        self._sendq.append(data)
+        n = len(data)
+        self._sendq_bytes += n
+        eng._send_queued += n
+        if not self._writing:
+            self._writing = True
+            self._tasks += 1
+            self._wscope = trio.CancelScope()
+            eng._nwrite += 1
+            eng._nursery.start_soon(eng._writer, self)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued and not yet sent."""
+        return 0 if self._closed else self._sendq_bytes
+
+    def when_drained(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback()`` on the engine's thread once everything queued is sent."""
+        self._engine._in_loop(self._when_drained, callback)
+
+    def _when_drained(self, callback: Callable[[], Any]) -> None:
+        if self._closed or not self._sendq:
+            self._engine.call_soon(callback)
+            return
+        if self._drain_cbs is None:
+            self._drain_cbs = []
+        self._drain_cbs.append(callback)
+
+    def _on_drained(self) -> None:
+        cbs, self._drain_cbs = self._drain_cbs, None
+        for cb in cbs or ():
+            self._engine.call_soon(cb)
+
+    # -- reading
+    def pause_reading(self) -> None:
+        """Stop receiving (the kernel keeps the data in the socket)."""
+        self._user_paused = True
+        self._engine._in_loop(self._update_read)
+
+    def resume_reading(self) -> None:
+        self._user_paused = False
+        self._engine._in_loop(self._update_read)
+
+    def _update_read(self) -> None:
+        no = self._user_paused or self._bp_paused or self._sd_paused
+        self._no_read = no
+        if not no and self._rpark is not None:
+            ev, self._rpark = self._rpark, None
+            ev.set()
+
+    # -- closing
+    def close(self) -> None:
+        """Close after the queued data has been sent. ``connection_lost`` follows."""
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        self._engine._in_loop(self._close_now, False)
+
+    def abort(self) -> None:
+        """Close now: unsent data is dropped, the connection's tasks are cancelled."""
+        if self._closed:
+            return
+        self._closing = True
+        self._engine._in_loop(self._close_now, True)
+
+    def _close_now(self, abort: bool) -> None:
+        if self._closed:
+            return
+        self._closing = True
+        eng = self._engine
+        self._rscope.cancel()                 # stop reading
+        if abort and not self._aborted:
+            self._aborted = True
+            self._drop_queue()
+            if self._wscope is not None:
+                self._wscope.cancel()
+        # Finish from the scheduler, never inside the caller (a handler's close()).
+        eng._ready.append((self._maybe_finish, ()))
+        eng._wake_sched()
+
+    def _drop_queue(self) -> None:
+        if self._sendq:
+            self._engine._send_queued -= self._sendq_bytes
+            self._sendq.clear()
+            self._sendq_bytes = 0
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._fail_exc is None:
+            self._fail_exc = exc
+        self.abort()
+
+    def _task_exited(self) -> None:
+        self._tasks -= 1
+        if self._closing:
+            self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._closed or not self._closing or self._tasks:
+            return
+        if self._sendq and not self._aborted:
+            return                            # still flushing (cannot happen: a writer runs)
+        self._finish()
+
+    def _finish(self) -> None:
+        """Both tasks have exited: close the socket, report ``connection_lost``."""
+        self._closed = True
+        eng = self._engine
+        eng._conns.discard(self)
+        self._drop_queue()
+        sock = self._sock
+        try:
+            trio.lowlevel.notify_closing(sock)
+        except Exception:  # noqa: BLE001 - nobody waits on it; closing is what matters
+            pass
+        sock.close()
+        if self._drain_cbs:
+            self._on_drained()
+        eng._deliver(self, LOST, self._fail_exc)
+
+    # -- information
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return -1 if self._closed else self._fd
+
+    def _sockinfo(self, name: str) -> Any:
+        if self._closed:
+            raise os_error(errno.EBADF, name)
+        try:
+            return getattr(self._sock, name)()
+        except OSError as e:
+            raise os_error(e.errno or errno.EBADF, name) from None
+
+    @property
+    def peername(self) -> Any:
+        return self._sockinfo("getpeername")
+
+    @property
+    def sockname(self) -> Any:
+        return self._sockinfo("getsockname")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "closing" if self._closing else "open"
+        return f"<TrioConnection fd={self._fd} {state}>"
+
+
+class TrioServer:
+    """Listening sockets of one ``serve_tcp`` call."""
+
+    def __init__(self, engine: TrioEngine, socks: list, factory: Callable[[], Handler],
+                 pool: Optional[WorkerPool]) -> None:
+        self._engine = engine
+        self._factory = factory
+        self.pool = pool
+        self.addresses = [s.getsockname() for s in socks]
+        self._socks = socks
+        self._scope = trio.CancelScope()
+        self._closing = False
+        self._open_listeners = len(socks)    # sockets not closed yet
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    def _start(self) -> None:
+        eng = self._engine
+        if self._closing or eng._shutting:
+            self._closing = True
+            self._close_socks()
+            return
+        for s in self._socks:
+            s.setblocking(False)
+            eng._nursery.start_soon(eng._listen, self, s)
+
+    def _close_socks(self) -> None:
+        for s in self._socks:
+            if s.fileno() != -1:
+                s.close()
+                self._open_listeners -= 1
+
+    def close(self) -> None:
+        """Stop accepting; connections already accepted carry on."""
+        if not self._closing:
+            self._closing = True
+            try:
+                self._engine._in_loop(self._close_now)
+            except EngineClosed:
+                pass
+
+    def _close_now(self) -> None:
+        self._closing = True
+        self._scope.cancel()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing and self._open_listeners == 0
+
+    def __repr__(self) -> str:
+        return f"<TrioServer {self.addresses}>"
+
+
+class _OpRec:
+    """A low-level op in flight: its task's cancel scope and why it was cancelled."""
+
+    __slots__ = ("op", "fd", "scope", "cancelled")
+
+    def __init__(self, op: Op, fd: int, scope: trio.CancelScope) -> None:
+        self.op = op
+        self.fd = fd
+        self.scope = scope
+        self.cancelled = False
+
+
+class _Watch:
+    """One trio wait on (fd, direction), shared by every op waiting for it."""
+
+    __slots__ = ("events", "scope", "error")
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.scope = trio.CancelScope()
+        self.error: Optional[BaseException] = None
+
+
+class TrioEngine:
+    """A Proactor on trio (see the module docstring). The same API as
+    :class:`proactor._io_uring.UringEngine`.
+
+    Options: ``buffer_size`` (bytes asked for per ``recv``, default 64 KiB). The ring
+    options of the io_uring engine (``entries``, ``cq_entries``, ``buffers``,
+    ``setup_flags``) are accepted and ignored, so one set of options fits both.
+    """
+
+    backend = "trio"
+
+    def __init__(self, *, buffer_size: int = 65536, entries: Optional[int] = None,
+                 cq_entries: Optional[int] = None, buffers: Optional[int] = None,
+                 setup_flags: Any = None) -> None:
+        if buffer_size <= 0:
+            raise ValueError("buffer_size must be > 0")
+        self._recv_size = buffer_size
+        self._thread_id: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
+        self._token: Any = None
+        self._nursery: Any = None
+        self._cmds: deque = deque()          # from other threads, run via run_sync_soon
+        self._wake_pending = False
+        self._ready: deque = deque()         # call_soon on the I/O thread
+        self._timers = Timers()
+        self._touched: list = []             # pools with events batched in this turn
+        self._sched_task: Any = None
+        self._sched_parked = False
+        self._conns: set = set()
+        self._servers: list[TrioServer] = []
+        self._pools: list[WorkerPool] = []
+        self._ops: dict[int, _OpRec] = {}
+        self._next_op = 0
+        self._watches: dict = {}
+        self._registered: list = []
+        self._fd_locks: dict[int, threading.Lock] = {}
+        # counters (written on the I/O thread, read from anywhere)
+        self._ncompleted = 0
+        self._nread = 0                      # readers armed (alive and not paused)
+        self._nwrite = 0                     # writer tasks
+        self._nlisten = 0                    # listener tasks
+        self._pinned = 0                     # ops in flight holding buffers
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._send_queued = 0
+        self._loop_running = False
+        # life
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._start_exc: Optional[BaseException] = None
+        self._done: Any = None               # trio.Event: the shutdown has finished
+        self._shutting = False
+        self._hard = False                   # low-level ops are being cancelled
+        self._closed = False
+        self._ran = False
+
+    # ------------------------------------------------------------------ running
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Run the loop in this thread until :meth:`stop` (or SIGINT/SIGTERM when
+        ``handle_signals`` and this is the main thread) has shut everything down."""
+        if self._ran:
+            raise RuntimeError("an engine runs once")
+        self._ran = True
+        signals = handle_signals and threading.current_thread() is threading.main_thread()
+        try:
+            trio.run(self._main, signals)
+        except BaseException as e:
+            if not self._started.is_set():
+                self._start_exc = e
+            raise
+        finally:
+            self._teardown()
+            self._started.set()
+            self._stopped.set()
+
+    def start(self) -> TrioEngine:
+        """Run the loop on a new thread; returns once it runs."""
+        t = threading.Thread(target=self._run_thread, name="proactor-io", daemon=True)
+        self._thread = t
+        t.start()
+        self._started.wait()
+        if self._start_exc is not None:
+            raise self._start_exc
+        return self
+
+    def _run_thread(self) -> None:
+        try:
+            self.run(handle_signals=False)
+        except BaseException as e:  # noqa: BLE001 - reported by start()/join()
+            if self._start_exc is None:
+                logger.exception("proactor engine thread died")
+                self._start_exc = e
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Begin a graceful shutdown (from any thread): stop accepting, let handlers
+        finish what is queued and queued sends go out (for at most ``timeout`` seconds),
+        then close everything and join the workers."""
+        if not self._closed:
+            try:
+                self._post(self._begin_shutdown, timeout)
+            except EngineClosed:
+                pass
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for a :meth:`start`-ed engine to finish; True when it has."""
+        return self._stopped.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """:meth:`stop` and :meth:`join`; a never-run engine just closes its sockets."""
+        if not self._ran:
+            self._ran = True
+            self._closed = True
+            self._cmds.clear()
+            self._teardown()
+            self._stopped.set()
+            return
+        self.stop(timeout)
+        if self._thread_id != _get_ident():
+            self.join()
+
+    def __enter__(self) -> TrioEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._started.is_set() and not self._stopped.is_set()
+
+    async def _main(self, signals: bool) -> None:
+        self._done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if signals:
+                await nursery.start(self._watch_signals)
+            nursery.start_soon(self._scheduler)
+            self._token = trio.lowlevel.current_trio_token()
+            self._thread_id = _get_ident()
+            self._loop_running = True
+            self._run_cmds()                 # what was posted before the loop ran
+            self._started.set()
+            await self._done.wait()
+            nursery.cancel_scope.cancel()
+        self._loop_running = False
+
+    async def _watch_signals(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                logger.info("signal %d: shutting down", signum)
+                self._begin_shutdown(5.0)
+
+    # ------------------------------------------------------------------ scheduling
+    def time(self) -> float:
+        return _monotonic()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine's thread soon (thread-safe)."""
+        if _get_ident() == self._thread_id:
+            self._ready.append((fn, args))
+            self._wake_sched()
+        else:
+            self._post(fn, *args)
+
+    call_soon_threadsafe = call_soon
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
+        return self.call_at(_monotonic() + delay, fn, *args)
+
+    def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
+        """Run ``fn(*args)`` on the engine's thread at ``time()`` >= ``when``; returns a
+        handle with ``cancel()`` (usable from any thread)."""
+        h = TimerHandle(when, fn, args)
+        if _get_ident() == self._thread_id:
+            self._push_timer(h)
+        else:
+            self._post(self._push_timer, h)
+        return h
+
+    def _push_timer(self, h: TimerHandle) -> None:
+        heap = self._timers._heap
+        heapq.heappush(heap, h)
+        if heap[0] is h:
+            self._wake_sched()           # it may sleep until a later deadline
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Hand a call to the engine's thread (from any thread) and wake it."""
+        if self._closed:
+            raise EngineClosed("the engine is shut down")
+        self._cmds.append((fn, args))
+        if not self._wake_pending:
+            self._wake_pending = True
+            token = self._token
+            if token is not None:        # else the loop drains _cmds when it starts
+                try:
+                    token.run_sync_soon(self._run_cmds)
+                except trio.RunFinishedError:
+                    raise EngineClosed("the engine is shut down") from None
+
+    def _in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        if _get_ident() == self._thread_id:
+            fn(*args)
+        else:
+            self._post(fn, *args)
+
+    def _run_cmds(self) -> None:
+        # Clear the flag first: a post after this line schedules another run.
+        self._wake_pending = False
+        cmds = self._cmds
+        pop = cmds.popleft
+        for _ in range(len(cmds)):
+            fn, args = pop()
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("call of %r raised", fn)
+
+    def _run_ready(self) -> None:
+        ready = self._ready
+        for _ in range(len(ready)):
+            fn, args = ready.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("call of %r raised", fn)
+
+    def _wake_sched(self) -> None:
+        if self._sched_parked:
+            self._sched_parked = False
+            trio.lowlevel.reschedule(self._sched_task)
+
+    def _sched_abort(self, _: Any) -> Any:
+        self._sched_parked = False
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _scheduler(self) -> None:
+        """Runs ``call_soon`` calls and due timers, and hands the pools their batches
+        once per loop turn; parked (no CPU) while there is nothing to do."""
+        self._sched_task = trio.lowlevel.current_task()
+        ready = self._ready
+        timers = self._timers
+        heap = timers._heap
+        wait = trio.lowlevel.wait_task_rescheduled
+        while True:
+            if ready:
+                self._run_ready()
+            if self._touched:
+                self._flush_pools()
+            if heap:
+                timers.run_due(_monotonic())
+            if ready or self._touched:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                continue
+            tmo = timers.timeout(_monotonic()) if heap else None
+            if tmo is not None and tmo <= 0:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                continue
+            self._sched_parked = True
+            if tmo is None:
+                await wait(self._sched_abort)
+            else:
+                with trio.move_on_after(tmo):
+                    await wait(self._sched_abort)
+            self._sched_parked = False
+
+    def _flush_pools(self) -> None:
+        touched, self._touched = self._touched, []
+        for p in touched:
+            batch, p._batch = p._batch, []
+            if batch:
+                p.submit(batch)
+
+    # ------------------------------------------------------------------ events
+    def _deliver(self, c: TrioConnection, kind: int, arg: Any) -> None:
+        p = c._wpool
+        if p is None:
+            run_handler_event(c, kind, arg)
+            return
+        b = p._batch
+        if not b:
+            self._touched.append(p)
+            self._wake_sched()
+        b.append((c, kind, arg))
+
+    def _backpressure(self, p: WorkerPool, c: TrioConnection) -> None:
+        """The pool's queue is full: stop reading from this connection until it drains."""
+        if not c._bp_paused and not c._closing:
+            c._bp_paused = True
+            c._update_read()
+            p._paused_conns.append(c)
+        with p._cond:
+            if p.pending > p._low_water:
+                p.paused = True
+                return
+        self._resume_pool(p)   # the workers drained it meanwhile
+
+    def _resume_reading_for(self, p: WorkerPool) -> None:
+        """Called by a worker when its pool's queue is low again."""
+        try:
+            self._post(self._resume_pool, p)
+        except EngineClosed:
+            pass
+
+    def _resume_pool(self, p: WorkerPool) -> None:
+        paused, p._paused_conns = p._paused_conns, []
+        for c in paused:
+            c._bp_paused = False
+            c._update_read()
+
+    # ------------------------------------------------------------------ connection tasks
+    async def _reader(self, c: TrioConnection) -> None:
+        fd = c._fd
+        recv = c._sock.recv
+        size = self._recv_size
+        p = c._wpool
+        wait = _wait_readable
+        armed = True
+        self._nread += 1
+        try:
+            with c._rscope:
+                while True:
+                    if c._no_read:
+                        self._nread -= 1
+                        armed = False
+                        while c._no_read:
+                            ev = c._rpark = trio.Event()
+                            await ev.wait()
+                        self._nread += 1
+                        armed = True
+                    await wait(fd)
+                    if c._no_read:
+                        continue                 # paused meanwhile: leave it in the kernel
+                    try:
+                        data = recv(size)
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:
+                        c._fail(os_error(e.errno or errno.EIO, "recv"))
+                        return
+                    self._ncompleted += 1
+                    if c._closing:
+                        return                   # closed by the user: reading has stopped
+                    if not data:
+                        self._deliver(c, EOF, None)
+                        return
+                    self._bytes_in += len(data)
+                    if p is None:
+                        try:
+                            c._data_received(c, data)
+                        except Exception as e:
+                            handler_failed(c, e)
+                    else:
+                        b = p._batch
+                        if not b:
+                            self._touched.append(p)
+                            self._wake_sched()
+                        b.append((c, DATA, data))
+                        if p.pending + len(b) >= p.max_queue:
+                            self._backpressure(p, c)
+        except Exception as e:  # noqa: BLE001 - a bug here must not end the engine
+            logger.exception("reader of %r failed", c)
+            c._fail(e)
+        finally:
+            if armed:
+                self._nread -= 1
+            c._task_exited()
+
+    async def _writer(self, c: TrioConnection) -> None:
+        """Drains ``c``'s send queue in order; exits when it is empty (or cancelled)."""
+        sock = c._sock
+        fd = c._fd
+        q = c._sendq
+        wait = _wait_writable
+        try:
+            with c._wscope:
+                while q:
+                    await wait(fd)
+                    try:
+                        if _HAVE_SENDMSG and len(q) > 1:
+                            n = sock.sendmsg(islice(q, _IOV_MAX))
+                        else:
+                            n = sock.send(q[0])
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:
+                        c._fail(os_error(e.errno or errno.EIO, "send"))
+                        return
+                    self._ncompleted += 1
+                    self._bytes_out += n
+                    c._sendq_bytes -= n
+                    self._send_queued -= n
+                    while n:
+                        head = q[0]
+                        size = len(head)
+                        if n >= size:
+                            q.popleft()
+                            n -= size
+                        else:
+                            q[0] = memoryview(head)[n:]
+                            n = 0
+                if c._drain_cbs:
+                    c._on_drained()
+        except Exception as e:  # noqa: BLE001 - a bug here must not end the engine
+            logger.exception("writer of %r failed", c)
+            c._fail(e)
+        finally:
+            c._writing = False
+            c._wscope = None
+            self._nwrite -= 1
+            c._task_exited()
+
+    async def _listen(self, srv: TrioServer, lsock: socket.socket) -> None:
+        self._nlisten += 1
+        fd = lsock.fileno()
+        try:
+            with srv._scope:
+                while True:
+                    await _wait_readable(fd)
+                    for _ in range(64):
+                        try:
+                            s, _addr = lsock.accept()
+                        except BlockingIOError:
+                            break
+                        except OSError as e:
+                            if e.errno in _ACCEPT_TRANSIENT:
+                                continue
+                            logger.warning("accept on %s failed: %s; retrying in 0.1 s",
+                                           srv.addresses, os_error(e.errno or errno.EIO,
+                                                                   "accept"))
+                            await trio.sleep(0.1)
+                            break
+                        self._ncompleted += 1
+                        self._accepted(srv, s)
+        except Exception:  # noqa: BLE001 - a bug here must not end the engine
+            logger.exception("listener of %r failed", srv)
+        finally:
+            self._nlisten -= 1
+            try:
+                trio.lowlevel.notify_closing(lsock)
+            except Exception:  # noqa: BLE001
+                pass
+            lsock.close()
+            srv._open_listeners -= 1
+
+    def _accepted(self, srv: TrioServer, s: socket.socket) -> None:
+        try:
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            logger.warning("cannot set up an accepted socket: %s", e)
+            s.close()
+            return
+        c = TrioConnection(self, s, srv, srv.pool)
+        self._start_conn(c, srv._factory)
+
+    def _start_conn(self, c: TrioConnection, factory: Callable[[], Handler]) -> bool:
+        """Make ``c``'s handler, deliver ``connection_made``, start its reader."""
+        self._conns.add(c)
+        try:
+            h = factory()
+        except Exception as e:
+            logger.exception("handler factory raised; closing the new connection")
+            c._fail_exc = e
+            c._handler = Handler()
+            c._closing = True
+            self._ready.append((c._maybe_finish, ()))
+            self._wake_sched()
+            return False
+        c._handler = h
+        c._data_received = h.data_received
+        c._tasks = 1
+        self._nursery.start_soon(self._reader, c)
+        self._deliver(c, MADE, None)
+        return True
+
+    # ------------------------------------------------------------------ servers
+    def serve_tcp(self, handler_factory: Callable[[], Handler], host: Optional[str] = "127.0.0.1",
+                  port: int = 0, *, workers: int = 0, backlog: int = 1024,
+                  reuse_port: bool = False, max_queue: int = 4096) -> TrioServer:
+        """Listen on ``host:port`` and serve each connection with ``handler_factory()``.
+
+        ``workers=0`` runs handlers on the engine's thread; ``workers=N`` runs them on N
+        worker threads (half-sync/half-async), at most ``max_queue`` events queued before
+        reading pauses. Binding happens now (errors raise here); accepting starts once
+        the engine runs. Callable from any thread."""
+        if self._closed or self._shutting:
+            raise EngineClosed("the engine is shut down")
+        socks = bind_tcp(host, port, backlog, reuse_port)
+        pool = None
+        if workers:
+            pool = WorkerPool(self, workers, max_queue)
+            self._pools.append(pool)
+        srv = TrioServer(self, socks, handler_factory, pool)
+        self._servers.append(srv)
+        try:
+            self._in_loop(srv._start)
+        except EngineClosed:
+            srv._close_socks()
+            raise
+        return srv
+
+    def connect_tcp(self, handler_factory: Callable[[], Handler], host: str, port: int,
+                    callback: Optional[Callable[[Op], Any]] = None, *,
+                    timeout: Optional[float] = None) -> Op:
+        """Open a client connection served by ``handler_factory()`` (on the engine's
+        thread). The returned op's result is the connection; the handler's
+        ``connection_made`` runs before ``callback``."""
+        family, _, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        s = socket.socket(family, socket.SOCK_STREAM, proto)
+        try:
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            s.close()
+            raise
+        op = self._new_op("connect", callback, None, timeout)
+        try:
+            return self._launch(op, s.fileno(), self._do_connect_tcp,
+                                (s, addr, handler_factory), timeout, s.close)
+        except BaseException:
+            s.close()
+            raise
+
+    async def _do_connect_tcp(self, s: socket.socket, addr: Any,
+                              factory: Callable[[], Handler]) -> TrioConnection:
+        try:
+            err = s.connect_ex(addr)
+            if err:
+                if err not in _CONNECT_PENDING:
+                    raise os_error(err, "connect")
+                await self._wait(s.fileno(), True)
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise os_error(err, "connect")
+        except BaseException:
+            s.close()
+            raise
+        c = TrioConnection(self, s, None, None)
+        if not self._start_conn(c, factory):
+            raise c._fail_exc  # type: ignore[misc]
+        return c
+
+    # ------------------------------------------------------------------ low-level ops
+    def _new_op(self, name: str, callback: Optional[Callable[[Op], Any]], keep: Any,
+                timeout: Optional[float]) -> Op:
+        op = Op(self, name, callback, keep, None)
+        op._timed = timeout is not None
+        return op
+
+    def _launch(self, op: Op, fd: int, fn: Callable[..., Any], args: tuple,
+                timeout: Optional[float] = None,
+                dropped: Optional[Callable[[], Any]] = None) -> Op:
+        """Run ``await fn(*args)`` as ``op`` (from any thread); its value is the result.
+        ``dropped()`` runs if the op ends before ``fn`` started."""
+        if _get_ident() != self._thread_id:
+            self._post(self._launch, op, fd, fn, args, timeout, dropped)
+            return op
+        if op._cancel_req or self._hard:
+            if dropped is not None:
+                dropped()
+            self._ready.append((op._resolve, (None, os_error(errno.ECANCELED, op.name))))
+            self._wake_sched()
+            return op
+        deadline = math.inf if timeout is None else trio.current_time() + max(0.0, timeout)
+        rec = _OpRec(op, fd, trio.CancelScope(deadline=deadline))
+        idx = self._next_op
+        self._next_op = idx + 1
+        op._index = idx
+        self._ops[idx] = rec
+        if op._keep is not None:
+            self._pinned += 1
+        self._nursery.start_soon(self._op_task, rec, fn, args)
+        return op
+
+    async def _op_task(self, rec: _OpRec, fn: Callable[..., Any], args: tuple) -> None:
+        op = rec.op
+        value: Any = None
+        exc: Optional[BaseException] = None
+        with rec.scope:
+            try:
+                value = await fn(*args)
+            except OSError as e:
+                exc = e if e.errno is None or getattr(e, "operation", None) \
+                    else os_error(e.errno, op.name)
+            except trio.ClosedResourceError:
+                exc = os_error(errno.EBADF, op.name)       # close_fd while waiting
+            except trio.BusyResourceError:
+                exc = os_error(errno.EBUSY, op.name)
+            except Exception as e:  # noqa: BLE001 - reported through result()
+                exc = e
+        if rec.scope.cancelled_caught:
+            value = None
+            timed_out = not rec.cancelled and trio.current_time() >= rec.scope.deadline
+            exc = os_error(errno.ETIMEDOUT if timed_out else errno.ECANCELED, op.name)
+        del self._ops[op._index]
+        if op._keep is not None:
+            self._pinned -= 1
+        self._ncompleted += 1
+        op._resolve(value, exc)
+
+    def _cancel_op(self, op: Op) -> None:
+        if _get_ident() != self._thread_id:
+            self._post(self._cancel_op, op)
+            return
+        if op._done or op._cancel_req:
+            return
+        op._cancel_req = True          # before it started: _launch ends it at once
+        rec = self._ops.get(op._index)
+        if rec is not None and rec.op is op:
+            rec.cancelled = True
+            rec.scope.cancel()
+
+    async def _wait(self, fd: int, writable: bool) -> None:
+        """Wait until ``fd`` is readable (writable); any number of ops may wait on one
+        fd (trio allows one waiter per fd and direction: one watcher task waits for all)."""
+        key = (fd, writable)
+        w = self._watches.get(key)
+        if w is None:
+            w = self._watches[key] = _Watch()
+            self._nursery.start_soon(self._watch, key, w)
+        ev = trio.Event()
+        w.events.append(ev)
+        try:
+            await ev.wait()
+        except BaseException:
+            if not ev.is_set():
+                w.events.remove(ev)
+                if not w.events and self._watches.get(key) is w:
+                    del self._watches[key]
+                    w.scope.cancel()
+            raise
+        if w.error is not None:
+            raise w.error
+
+    async def _watch(self, key: tuple, w: _Watch) -> None:
+        fd, writable = key
+        with w.scope:
+            try:
+                await (_wait_writable if writable else _wait_readable)(fd)
+            except (trio.ClosedResourceError, trio.BusyResourceError, OSError) as e:
+                w.error = e
+        if self._watches.get(key) is w:
+            del self._watches[key]
+        for ev in w.events:
+            ev.set()
+
+    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return trio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
+
+    # -- reads and writes, by kind of fd
+    async def _do_readinto(self, fd: int, mv: memoryview, offset: int, as_bytes: bool) -> Any:
+        try:
+            kind = _fd_kind(fd)
+            if kind == _FILE:
+                n = await self._in_thread(self._file_readinto, fd, mv, offset)
+            elif kind == _SOCK:
+                n = await self._sock_io(fd, False, lambda s: s.recv_into(mv, len(mv), _DONTWAIT))
+            else:
+                while True:
+                    await self._wait(fd, False)
+                    try:
+                        n = os.readv(fd, [mv])
+                        break
+                    except BlockingIOError:
+                        continue
+            return bytes(mv[:n]) if as_bytes else n
+        finally:
+            mv.release()
+
+    async def _do_write(self, fd: int, mv: memoryview, offset: int) -> int:
+        try:
+            kind = _fd_kind(fd)
+            if kind == _FILE:
+                return await self._in_thread(self._file_write, fd, mv, offset)
+            if kind == _SOCK:
+                return await self._sock_io(fd, True, lambda s: s.send(mv, _DONTWAIT))
+            while True:
+                await self._wait(fd, True)
+                try:
+                    return _nonblocking(fd, os.write, fd, mv)
+                except BlockingIOError:
+                    continue
+        finally:
+            mv.release()
+
+    async def _do_writev(self, fd: int, views: list, offset: int) -> int:
+        try:
+            kind = _fd_kind(fd)
+            if kind == _FILE:
+                return await self._in_thread(self._file_writev, fd, views, offset)
+            if kind == _SOCK:
+                data = b"".join(views)
+                return await self._sock_io(fd, True, lambda s: s.send(data, _DONTWAIT))
+            while True:
+                await self._wait(fd, True)
+                try:
+                    return _nonblocking(fd, os.writev, fd, views)
+                except BlockingIOError:
+                    continue
+        finally:
+            for v in views:
+                v.release()
+
+    # These run in a worker thread of trio.to_thread.
+    def _file_readinto(self, fd: int, mv: memoryview, offset: int) -> int:
+        if offset < 0:
+            return _readinto(fd, mv)
+        if hasattr(os, "preadv"):
+            return os.preadv(fd, [mv], offset)
+        if hasattr(os, "pread"):
+            data = os.pread(fd, len(mv), offset)
+            mv[:len(data)] = data
+            return len(data)
+        with self._fd_lock(fd):
+            pos = os.lseek(fd, 0, os.SEEK_CUR)
+            os.lseek(fd, offset, os.SEEK_SET)
+            try:
+                return _readinto(fd, mv)
+            finally:
+                os.lseek(fd, pos, os.SEEK_SET)
+
+    def _file_write(self, fd: int, mv: Any, offset: int) -> int:
+        if offset < 0:
+            return os.write(fd, mv)
+        if hasattr(os, "pwrite"):
+            return os.pwrite(fd, mv, offset)
+        with self._fd_lock(fd):
+            pos = os.lseek(fd, 0, os.SEEK_CUR)
+            os.lseek(fd, offset, os.SEEK_SET)
+            try:
+                return os.write(fd, mv)
+            finally:
+                os.lseek(fd, pos, os.SEEK_SET)
+
+    def _file_writev(self, fd: int, views: list, offset: int) -> int:
+        if offset >= 0 and hasattr(os, "pwritev"):
+            return os.pwritev(fd, views, offset)
+        if offset < 0 and hasattr(os, "writev"):
+            return os.writev(fd, views)
+        return self._file_write(fd, b"".join(views), offset)
+
+    def _fd_lock(self, fd: int) -> threading.Lock:
+        lock = self._fd_locks.get(fd)
+        if lock is None:
+            lock = self._fd_locks.setdefault(fd, threading.Lock())
+        return lock
+
+    async def _sock_io(self, fd: int, writable: bool, call: Callable[[socket.socket], Any]
+                       ) -> Any:
+        """``call(s)`` on a borrowed socket object for ``fd`` until it does not block."""
+        s = _borrow(fd)
+        try:
+            while True:
+                try:
+                    return call(s)
+                except BlockingIOError:
+                    pass
+                await self._wait(fd, writable)
+        finally:
+            s.detach()
+
+    @staticmethod
+    def _view(buf: Any, writable: bool = False) -> memoryview:
+        mv = memoryview(buf)
+        if writable and mv.readonly:
+            mv.release()
+            raise TypeError("a writable buffer is required")
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        return mv
+
+    def read(self, fd: int, nbytes: int, offset: int, callback: Callable[[Op], Any], *,
+             timeout: Optional[float] = None) -> Op:
+        """Read up to ``nbytes`` at ``offset`` (-1: the file position); result: bytes."""
+        buf = bytearray(nbytes)
+        op = self._new_op("read", callback, buf, timeout)
+        return self._launch(op, fd, self._do_readinto, (fd, memoryview(buf), offset, True),
+                            timeout)
+
+    def readinto(self, fd: int, buf: Any, offset: int, callback: Callable[[Op], Any], *,
+                 timeout: Optional[float] = None) -> Op:
+        """Read into the writable buffer ``buf`` at ``offset``; result: bytes read."""
+        mv = self._view(buf, writable=True)
+        op = self._new_op("read", callback, buf, timeout)
+        return self._launch(op, fd, self._do_readinto, (fd, mv, offset, False), timeout)
+
+    def write(self, fd: int, data: Any, offset: int, callback: Callable[[Op], Any], *,
+              timeout: Optional[float] = None) -> Op:
+        """Write ``data`` at ``offset`` (-1: the file position); result: bytes written
+        (possibly fewer than asked, as with ``os.pwrite``)."""
+        mv = self._view(data)
+        op = self._new_op("write", callback, data, timeout)
+        return self._launch(op, fd, self._do_write, (fd, mv, offset), timeout)
+
+    def writev(self, fd: int, buffers: list, offset: int, callback: Callable[[Op], Any], *,
+               timeout: Optional[float] = None) -> Op:
+        """Gathered write of several buffers at ``offset``; result: bytes written."""
+        views = [self._view(b) for b in buffers]
+        op = self._new_op("writev", callback, buffers, timeout)
+        return self._launch(op, fd, self._do_writev, (fd, views, offset), timeout)
+
+    def sendmsg(self, fd: int, buffers: list, callback: Callable[[Op], Any], *, flags: int = 0,
+                timeout: Optional[float] = None) -> Op:
+        """Gathered send of several buffers on a socket; result: bytes sent."""
+        op = self._new_op("sendmsg", callback, buffers, timeout)
+        if _HAVE_SENDMSG:
+            def call(s: socket.socket) -> int:
+                return s.sendmsg(buffers, (), flags | _DONTWAIT)
+        else:
+            data = b"".join(buffers)
+
+            def call(s: socket.socket) -> int:
+                return s.send(data, flags)
+        return self._launch(op, fd, self._sock_io, (fd, True, call), timeout)
+
+    def send(self, fd: int, data: Any, callback: Callable[[Op], Any], *, flags: int = 0,
+             timeout: Optional[float] = None) -> Op:
+        """One send on a socket fd; result: bytes sent."""
+        op = self._new_op("send", callback, data, timeout)
+        return self._launch(op, fd, self._sock_io,
+                            (fd, True, lambda s: s.send(data, flags | _DONTWAIT)), timeout)
+
+    def recv(self, fd: int, nbytes: int, callback: Callable[[Op], Any], *, flags: int = 0,
+             timeout: Optional[float] = None) -> Op:
+        """One recv on a socket fd; result: bytes (empty at EOF)."""
+        buf = bytearray(nbytes)
+
+        def call(s: socket.socket) -> bytes:
+            n = s.recv_into(buf, nbytes, flags | _DONTWAIT)
+            return bytes(memoryview(buf)[:n])
+        op = self._new_op("recv", callback, buf, timeout)
+        return self._launch(op, fd, self._sock_io, (fd, False, call), timeout)
+
+    def connect(self, fd: int, address: Any, callback: Callable[[Op], Any], *,
+                family: Optional[int] = None, timeout: Optional[float] = None) -> Op:
+        """Connect socket ``fd`` to a numeric ``address``; result: None. With ``timeout``
+        the op ends with ``TimeoutError`` (ETIMEDOUT) if it is not connected by then.
+        (``family`` is accepted for compatibility: the socket knows its own.)"""
+        op = self._new_op("connect", callback, None, timeout)
+        return self._launch(op, fd, self._do_connect, (fd, address), timeout)
+
+    async def _do_connect(self, fd: int, address: Any) -> None:
+        s = _borrow(fd)
+        try:
+            err = _nonblocking(fd, s.connect_ex, address, sock=s)
+            if err == 0:
+                return None
+            if err not in _CONNECT_PENDING:
+                raise os_error(err, "connect")
+            await self._wait(fd, True)
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise os_error(err, "connect")
+            return None
+        finally:
+            s.detach()
+
+    def accept(self, fd: int, callback: Callable[[Op], Any], *,
+               timeout: Optional[float] = None) -> Op:
+        """Accept one connection on listening socket ``fd``; result: the new fd."""
+        op = self._new_op("accept", callback, None, timeout)
+        return self._launch(op, fd, self._do_accept, (fd,), timeout)
+
+    async def _do_accept(self, fd: int) -> int:
+        s = _borrow(fd)
+        try:
+            while True:
+                try:
+                    conn, _ = _nonblocking(fd, s.accept, sock=s)
+                except BlockingIOError:
+                    await self._wait(fd, False)
+                    continue
+                return conn.detach()
+        finally:
+            s.detach()
+
+    def openat(self, path: Any, flags: int, mode: int, callback: Callable[[Op], Any], *,
+               dir_fd: int = _AT_FDCWD) -> Op:
+        """Open ``path`` (relative to ``dir_fd``, default the cwd); result: the fd."""
+        op = self._new_op("openat", callback, None, None)
+        dfd = None if dir_fd == _AT_FDCWD else dir_fd
+        return self._launch(op, -1, self._in_thread_op, (_open, path, flags, mode, dfd))
+
+    async def _in_thread_op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._in_thread(fn, *args)
+
+    def close_fd(self, fd: int, callback: Optional[Callable[[Op], Any]] = None) -> Op:
+        """Close ``fd`` (waking the ops that wait on it: they end with EBADF); result: None."""
+        op = self._new_op("close", callback, None, None)
+        return self._launch(op, fd, self._do_close, (fd,))
+
+    async def _do_close(self, fd: int) -> None:
+        kind = _fd_kind(fd)
+        if kind != _FILE or not _WINDOWS:
+            try:
+                trio.lowlevel.notify_closing(fd)
+            except Exception:  # noqa: BLE001 - not something trio waits on
+                pass
+        if kind == _SOCK:                     # Windows: a socket handle, not an fd
+            socket.socket(fileno=fd).close()
+        elif kind == _FILE:
+            await self._in_thread(os.close, fd)
+        else:
+            os.close(fd)
+        return None
+
+    def timeout(self, seconds: float, callback: Callable[[Op], Any]) -> Op:
+        """A timer as an op; result: None when it expires (ECANCELED if cancelled)."""
+        op = self._new_op("timeout", callback, None, None)
+        return self._launch(op, -1, trio.sleep, (max(0.0, seconds),))
+
+    def poll(self, fd: int, mask: int, callback: Callable[[Op], Any], *,
+             timeout: Optional[float] = None) -> Op:
+        """Wait until ``fd`` is ready for ``mask`` (select.POLLIN, ...); result: the events."""
+        if not hasattr(select, "poll"):
+            raise NotImplementedError("poll() needs select.poll (not on Windows)")
+        op = self._new_op("poll", callback, None, timeout)
+        return self._launch(op, fd, self._do_poll, (fd, mask), timeout)
+
+    async def _do_poll(self, fd: int, mask: int) -> int:
+        want_r = bool(mask & ~(select.POLLOUT | getattr(select, "POLLWRNORM", 0)))
+        want_w = bool(mask & (select.POLLOUT | getattr(select, "POLLWRNORM", 0)))
+        while True:
+            p = select.poll()
+            p.register(fd, mask)
+            ev = p.poll(0)
+            if ev:
+                return ev[0][1]
+            if want_r and want_w:
+                async with trio.open_nursery() as n:
+                    async def one(writable: bool) -> None:
+                        await self._wait(fd, writable)
+                        n.cancel_scope.cancel()
+                    n.start_soon(one, False)
+                    n.start_soon(one, True)
+            else:
+                await self._wait(fd, want_w)
+
+    def nop(self, callback: Callable[[Op], Any]) -> Op:
+        op = self._new_op("nop", callback, None, None)
+        return self._launch(op, -1, _zero, ())
+
+    def cancel_fd(self, fd: int) -> None:
+        """Cancel every low-level op in flight on ``fd`` (each still completes)."""
+        self._in_loop(self._cancel_fd, fd)
+
+    def _cancel_fd(self, fd: int) -> None:
+        for rec in list(self._ops.values()):
+            if rec.fd == fd and not rec.op._done:
+                rec.cancelled = True
+                rec.scope.cancel()
+
+    def register_buffers(self, buffers: list) -> None:
+        """Register writable buffers for ``read_fixed``/``write_fixed`` (engine thread).
+        They stay referenced until the engine is closed or :meth:`unregister_buffers`.
+        (Emulated: fixed ops are plain reads and writes into/from these buffers.)"""
+        self._check_loop("register_buffers")
+        views = [self._view(b, writable=True) for b in buffers]
+        self._registered = list(zip(buffers, views))
+
+    def unregister_buffers(self) -> None:
+        self._check_loop("unregister_buffers")
+        if any(r.op.name in ("read_fixed", "write_fixed") for r in self._ops.values()):
+            raise RuntimeError("fixed-buffer operations are still in flight")
+        for _, mv in self._registered:
+            mv.release()
+        self._registered = []
+
+    def _fixed(self, index: int, nbytes: int, buf_offset: int) -> memoryview:
+        _, mv = self._registered[index]
+        if buf_offset < 0 or nbytes < 0 or buf_offset + nbytes > len(mv):
+            raise ValueError("range outside the registered buffer")
+        return mv[buf_offset:buf_offset + nbytes]
+
+    def read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                   callback: Callable[[Op], Any], *, buf_offset: int = 0,
+                   timeout: Optional[float] = None) -> Op:
+        """Read into registered buffer ``index``; result: bytes read."""
+        view = self._fixed(index, nbytes, buf_offset)
+        op = self._new_op("read_fixed", callback, self._registered[index], timeout)
+        return self._launch(op, fd, self._do_readinto, (fd, view, offset, False), timeout)
+
+    def write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                    callback: Callable[[Op], Any], *, buf_offset: int = 0,
+                    timeout: Optional[float] = None) -> Op:
+        """Write from registered buffer ``index``; result: bytes written."""
+        view = self._fixed(index, nbytes, buf_offset)
+        op = self._new_op("write_fixed", callback, self._registered[index], timeout)
+        return self._launch(op, fd, self._do_write, (fd, view, offset), timeout)
+
+    def _check_loop(self, what: str) -> None:
+        if _get_ident() != self._thread_id:
+            raise RuntimeError(f"{what}() must be called on the engine's thread")
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> Stats:
+        """Counters, readable from any thread.
+
+        In flight: the cross-thread entry while the loop runs (as the io_uring engine's
+        wakeup read), one accept per listening socket, one recv per reading connection,
+        one send per connection with a writer, and the low-level ops. Submitted is
+        completed + in flight. No receive buffer pool and no completion queue here:
+        ``buffers_*`` and ``cq_overflow`` are 0."""
+        in_flight = (int(self._loop_running) + self._nlisten + self._nread + self._nwrite
+                     + len(self._ops))
+        done = self._ncompleted
+        return Stats(
+            backend=self.backend,
+            ops_submitted=done + in_flight, ops_completed=done, ops_in_flight=in_flight,
+            buffers_in_use=0, buffers_total=0,
+            pinned_objects=self._pinned + len(self._registered),
+            connections=len(self._conns),
+            queue_depth=sum(p.pending for p in self._pools),
+            bytes_in=self._bytes_in, bytes_out=self._bytes_out,
+            send_queued=self._send_queued, cq_overflow=0,
+        )
+
+    # ------------------------------------------------------------------ shutdown
+    def _begin_shutdown(self, timeout: float) -> None:
+        if self._shutting:
+            return
+        self._shutting = True
+        for srv in self._servers:
+            srv._close_now()
+        for c in list(self._conns):
+            c._sd_paused = True
+            c._update_read()
+        self._nursery.start_soon(self._shutdown, timeout)
+
+    async def _shutdown(self, timeout: float) -> None:
+        deadline = _monotonic() + timeout
+
+        def late() -> bool:
+            return _monotonic() >= deadline
+
+        # 1. reading has stopped; let the workers finish what is queued
+        while self._pools and not late() and not all(p.idle() for p in self._pools):
+            await trio.sleep(0.01)
+        aborted = False
+        while True:
+            # 2. close every connection gracefully (flush), abort at the deadline
+            for c in list(self._conns):
+                c.close()
+            while self._conns or self._nlisten:
+                if late() and not aborted:
+                    aborted = True
+                    for c in list(self._conns):
+                        c.abort()
+                await trio.sleep(0.01)
+            # 3. cancel the low-level ops and wait for their final completions
+            self._hard = True
+            for rec in list(self._ops.values()):
+                rec.cancelled = True
+                rec.scope.cancel()
+            hard = _monotonic() + 5.0
+            while self._ops and _monotonic() < hard:
+                await trio.sleep(0.01)
+            if self._ops:
+                logger.error("%d operations did not complete within 5 s of being "
+                             "cancelled; still waiting for them", len(self._ops))
+                while self._ops:
+                    await trio.sleep(0.05)
+            if not self._conns:            # a connect_tcp may have finished meanwhile
+                break
+        # 4. let what is queued run, then refuse new calls
+        for _ in range(100):
+            if not (self._ready or self._touched or self._cmds):
+                break
+            await trio.sleep(0)
+        self._closed = True
+        self._run_cmds()
+        self._run_ready()
+        self._flush_pools()
+        self._done.set()
+
+    def _teardown(self) -> None:
+        self._closed = True
+        self._thread_id = None
+        self._loop_running = False
+        for p in self._pools:
+            if not p.shutdown(timeout=5.0):
+                logger.error("worker threads did not finish within 5 s")
+        for srv in self._servers:       # servers of a never-run (or crashed) engine
+            srv._closing = True
+            srv._close_socks()
+        for c in list(self._conns):
+            c._closed = True
+            c._sock.close()
+        self._conns.clear()
+        for _, mv in self._registered:
+            mv.release()
+        self._registered = []
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "closed" if self._closed else "idle"
+        return f"<TrioEngine {state}>"
+
+
+# ---------------------------------------------------------------------------- helpers
+def _fd_kind(fd: int) -> int:
+    """How the low-level ops do I/O on ``fd``: in a thread (regular files; on Windows
+    everything but sockets), by readiness (pipes, sockets, ttys), or as a Windows socket."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        if _WINDOWS:
+            return _SOCK             # a SOCKET handle is not a C runtime fd
+        raise
+    if _WINDOWS:
+        return _FILE
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode):
+        return _FILE
+    return _STREAM
+
+
+def _borrow(fd: int) -> socket.socket:
+    """A socket object for ``fd`` that does not own it (``detach()`` it when done)."""
+    s = socket.socket(fileno=fd)
+    if not _DONTWAIT:
+        s.setblocking(False)         # Windows: no per-call flag
+    return s
+
+
+def _nonblocking(fd: int, fn: Callable[..., Any], *args: Any,
+                 sock: Optional[socket.socket] = None) -> Any:
+    """``fn(*args)`` with ``O_NONBLOCK`` set on ``fd`` for the duration of the call."""
+    if _WINDOWS:
+        if sock is not None:
+            sock.setblocking(False)
+        return fn(*args)
+    if not os.get_blocking(fd):
+        return fn(*args)
+    os.set_blocking(fd, False)
+    try:
+        return fn(*args)
+    finally:
+        os.set_blocking(fd, True)
+
+
+def _readinto(fd: int, mv: memoryview) -> int:
+    if hasattr(os, "readv"):
+        return os.readv(fd, [mv])
+    data = os.read(fd, len(mv))
+    mv[:len(data)] = data
+    return len(data)
+
+
+def _open(path: Any, flags: int, mode: int, dir_fd: Optional[int]) -> int:
+    if dir_fd is None:
+        return os.open(path, flags, mode)
+    return os.open(path, flags, mode, dir_fd=dir_fd)
+
+
+async def _zero() -> int:
+    return 0
