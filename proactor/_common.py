@@ -209,11 +209,13 @@ def run_handler_event(conn: Any, kind: int, arg: Any) -> None:
     h = conn._handler
     try:
         if kind == DATA:
-            h.data_received(conn, arg)
+            if not conn._closing:      # after close() the handler gets no more data
+                h.data_received(conn, arg)
         elif kind == MADE:
             h.connection_made(conn)
         elif kind == EOF:
-            h.eof_received(conn)
+            if not conn._closing:
+                h.eof_received(conn)
         else:
             h.connection_lost(conn, arg)
     except Exception as e:
