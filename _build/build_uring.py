@@ -107,6 +107,18 @@ int px_unregister_buffers(struct px_ring *r);
 """
 
 SOURCE = r"""
+/*
+ * The GIL. cffi releases it around every call into C. Our calls are short (a few
+ * hundred ns), and releasing there is harmful: a busy Python thread (a worker) takes the
+ * GIL and keeps it for a whole switch interval (5 ms) before this thread may go on, for
+ * every call - the convoy effect. So the generated wrappers keep the GIL, and px_reap
+ * releases it itself around the one call that blocks: the wait in io_uring_enter.
+ */
+#undef Py_BEGIN_ALLOW_THREADS
+#undef Py_END_ALLOW_THREADS
+#define Py_BEGIN_ALLOW_THREADS {
+#define Py_END_ALLOW_THREADS }
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -191,6 +203,8 @@ struct px_conn {
 struct px_op {
     uint32_t gen;
     int pending;           /* CQEs still expected: 1, or 2 with a linked timeout */
+    int res; uint32_t cflags;  /* the op's own CQE, kept until the last CQE is in */
+    int timed_out;         /* its linked timeout fired (-ETIME) */
     int next_free;
     int cancelled;
     struct __kernel_timespec ts, lts;
@@ -719,15 +733,33 @@ static void on_send(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
     conn_progress_close(r, slot);
 }
 
-static void op_release(struct px_ring *r, int idx)
+/* Put a finished op record on the list of those reusable from the next batch. */
+static void op_free(struct px_ring *r, int idx)
 {
     struct px_op *o = OP(r, idx);
-    if (--o->pending > 0) return;
     free(o->iov); o->iov = NULL;
     /* Not reusable before the next batch: a callback run for this batch may submit a
      * new op, which must not take an index that a later CQE of the batch names. */
     r->op_dead[r->nop_dead++] = idx;
     r->st.ops--;
+}
+
+/* One CQE of a generic op: its own, or its linked timeout's. The op is reported once
+ * both have arrived (its final completion), as ETIMEDOUT if the timeout cancelled it. */
+static void op_cqe(struct px_ring *r, int idx, struct io_uring_cqe *cqe, int is_link)
+{
+    struct px_op *o = OP(r, idx);
+    if (is_link) {
+        if (cqe->res == -ETIME) o->timed_out = 1;
+    } else {
+        o->res = cqe->res;
+        o->cflags = cqe->flags;
+    }
+    if (--o->pending > 0) return;
+    int res = o->res;
+    if (res == -ECANCELED && o->timed_out) res = -ETIMEDOUT;
+    px_emit(r, PX_EV_OP, idx, res, o->cflags);
+    op_free(r, idx);
 }
 
 /* Handle one CQE. Returns 0, or -1 when the event array is full (CQE left unseen). */
@@ -745,11 +777,8 @@ static int px_handle(struct px_ring *r, struct io_uring_cqe *cqe)
     case PX_K_RECV: on_recv(r, idx, cqe); break;
     case PX_K_SEND: on_send(r, idx, cqe); break;
     case PX_K_ACCEPT: on_accept(r, idx, cqe); break;
-    case PX_K_OP:
-        px_emit(r, PX_EV_OP, idx, cqe->res, cqe->flags);
-        op_release(r, idx);
-        break;
-    case PX_K_LINK: op_release(r, idx); break;
+    case PX_K_OP: op_cqe(r, idx, cqe, 0); break;
+    case PX_K_LINK: op_cqe(r, idx, cqe, 1); break;
     case PX_K_CANCEL:
         if (idx >= 0 && (uint32_t)idx != 0xffffffffu && idx < r->nconns) {
             struct px_conn *c = CONN(r, idx);
@@ -819,14 +848,18 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
     if (r->nev || io_uring_cq_ready(&r->ring)) wait_nr = 0;
     if (wait_nr == 0) {
         ret = io_uring_submit_and_get_events(&r->ring);
-    } else if (timeout_ns >= 0) {
-        struct __kernel_timespec ts;
-        struct io_uring_cqe *cqe;
-        ts.tv_sec = timeout_ns / 1000000000;
-        ts.tv_nsec = timeout_ns % 1000000000;
-        ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, wait_nr, &ts, NULL);
     } else {
-        ret = io_uring_submit_and_wait(&r->ring, wait_nr);
+        PyThreadState *ts_save = PyEval_SaveThread();     /* we may sleep: let go */
+        if (timeout_ns >= 0) {
+            struct __kernel_timespec ts;
+            struct io_uring_cqe *cqe;
+            ts.tv_sec = timeout_ns / 1000000000;
+            ts.tv_nsec = timeout_ns % 1000000000;
+            ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, wait_nr, &ts, NULL);
+        } else {
+            ret = io_uring_submit_and_wait(&r->ring, wait_nr);
+        }
+        PyEval_RestoreThread(ts_save);
     }
     if (ret < 0 && ret != -EINTR && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
         return ret;
@@ -867,6 +900,8 @@ static int op_alloc(struct px_ring *r)
     o->gen++;
     o->pending = 1;
     o->cancelled = 0;
+    o->timed_out = 0;
+    o->res = 0; o->cflags = 0;
     o->iov = NULL;
     r->st.ops++;
     return idx;
@@ -906,7 +941,7 @@ static struct io_uring_sqe *op_sqe(struct px_ring *r, int64_t tmo_ns)
     if (idx < 0) return idx;                            \
     struct px_op *o = OP(r, idx); (void)o;            \
     struct io_uring_sqe *s = op_sqe(r, tmo);            \
-    if (!s) { op_release(r, idx); return -EBUSY; }
+    if (!s) { op_free(r, idx); return -EBUSY; }
 
 int px_op_read(struct px_ring *r, int fd, char *buf, unsigned len, uint64_t off, int64_t tmo_ns)
 {

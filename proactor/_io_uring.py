@@ -571,9 +571,11 @@ class UringEngine:
                 raise os_error(n, "io_uring_enter")
 
     def _run_cmds(self) -> None:
+        """Run calls posted by other threads: at most a bounded number per loop turn, so
+        completions and timers keep flowing however fast other threads post."""
         cmds = self._cmds
         pop = cmds.popleft
-        while cmds:
+        for _ in range(min(len(cmds), 4096)):
             fn, args = pop()
             try:
                 fn(*args)
@@ -823,9 +825,7 @@ class UringEngine:
 
     @staticmethod
     def _finish_op(op: Op, res: int) -> None:
-        if res == -errno.ECANCELED and op._timed and not op._cancel_req:
-            res = -errno.ETIMEDOUT     # its linked timeout fired
-        elif res == -errno.ETIME and op.name == "timeout":
+        if res == -errno.ETIME and op.name == "timeout":
             res = 0                    # a timeout op that expired did its job
         op._complete(res)
 
@@ -843,19 +843,12 @@ class UringEngine:
     def _tmo(timeout: Optional[float]) -> int:
         return -1 if timeout is None else max(0, int(timeout * 1e9))
 
-    def _op(self, name: str, callback: Optional[Callable[[Op], Any]], keep: Any,
-            convert: Optional[Callable[[int], Any]], timeout: Optional[float]) -> Op:
-        op = Op(self, name, callback, keep, convert)
-        op._timed = timeout is not None
-        return op
-
     def read(self, fd: int, nbytes: int, offset: int, callback: Callable[[Op], Any], *,
              timeout: Optional[float] = None) -> Op:
         """Read up to ``nbytes`` at ``offset`` (-1: the file position); result: bytes."""
         buf = bytearray(nbytes)
         cbuf = ffi.from_buffer(buf)
-        op = self._op("read", callback, (buf, cbuf),
-                      lambda n: bytes(memoryview(buf)[:n]), timeout)
+        op = Op(self, "read", callback, (buf, cbuf), lambda n: bytes(memoryview(buf)[:n]))
         return self._submit(op, lib.px_op_read, fd, cbuf, nbytes, offset & (2**64 - 1),
                             self._tmo(timeout))
 
@@ -863,7 +856,7 @@ class UringEngine:
                  timeout: Optional[float] = None) -> Op:
         """Read into the writable buffer ``buf`` at ``offset``; result: bytes read."""
         cbuf = ffi.from_buffer(buf, require_writable=True)
-        op = self._op("read", callback, (buf, cbuf), None, timeout)
+        op = Op(self, "read", callback, (buf, cbuf), None)
         return self._submit(op, lib.px_op_read, fd, cbuf, len(cbuf), offset & (2**64 - 1),
                             self._tmo(timeout))
 
@@ -872,7 +865,7 @@ class UringEngine:
         """Write ``data`` at ``offset`` (-1: the file position); result: bytes written
         (possibly fewer than asked, as with ``os.pwrite``)."""
         cbuf = ffi.from_buffer(data)
-        op = self._op("write", callback, (data, cbuf), None, timeout)
+        op = Op(self, "write", callback, (data, cbuf), None)
         return self._submit(op, lib.px_op_write, fd, cbuf, len(cbuf), offset & (2**64 - 1),
                             self._tmo(timeout))
 
@@ -880,7 +873,7 @@ class UringEngine:
                timeout: Optional[float] = None) -> Op:
         """Gathered write of several buffers at ``offset``; result: bytes written."""
         ptrs, lens, keep = self._iov(buffers)
-        op = self._op("writev", callback, keep, None, timeout)
+        op = Op(self, "writev", callback, keep, None)
         return self._submit(op, lib.px_op_writev, fd, ptrs, lens, len(buffers),
                             offset & (2**64 - 1), self._tmo(timeout))
 
@@ -888,7 +881,7 @@ class UringEngine:
                 timeout: Optional[float] = None) -> Op:
         """Gathered send of several buffers on a socket; result: bytes sent."""
         ptrs, lens, keep = self._iov(buffers)
-        op = self._op("sendmsg", callback, keep, None, timeout)
+        op = Op(self, "sendmsg", callback, keep, None)
         return self._submit(op, lib.px_op_sendmsg, fd, ptrs, lens, len(buffers), flags,
                             self._tmo(timeout))
 
@@ -903,7 +896,7 @@ class UringEngine:
              timeout: Optional[float] = None) -> Op:
         """One send on a socket fd; result: bytes sent."""
         cbuf = ffi.from_buffer(data)
-        op = self._op("send", callback, (data, cbuf), None, timeout)
+        op = Op(self, "send", callback, (data, cbuf), None)
         return self._submit(op, lib.px_op_send, fd, cbuf, len(cbuf), flags, self._tmo(timeout))
 
     def recv(self, fd: int, nbytes: int, callback: Callable[[Op], Any], *, flags: int = 0,
@@ -911,8 +904,7 @@ class UringEngine:
         """One recv on a socket fd; result: bytes (empty at EOF)."""
         buf = bytearray(nbytes)
         cbuf = ffi.from_buffer(buf)
-        op = self._op("recv", callback, (buf, cbuf),
-                      lambda n: bytes(memoryview(buf)[:n]), timeout)
+        op = Op(self, "recv", callback, (buf, cbuf), lambda n: bytes(memoryview(buf)[:n]))
         return self._submit(op, lib.px_op_recv, fd, cbuf, nbytes, flags, self._tmo(timeout))
 
     def connect(self, fd: int, address: Any, callback: Callable[[Op], Any], *,
@@ -925,25 +917,25 @@ class UringEngine:
             else:
                 family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         sa = _sockaddr(address, family)
-        op = self._op("connect", callback, sa, lambda n: None, timeout)
+        op = Op(self, "connect", callback, sa, lambda n: None)
         return self._submit(op, lib.px_op_connect, fd, sa, len(sa), self._tmo(timeout))
 
     def accept(self, fd: int, callback: Callable[[Op], Any], *,
                timeout: Optional[float] = None) -> Op:
         """Accept one connection on listening socket ``fd``; result: the new fd."""
-        op = self._op("accept", callback, None, None, timeout)
+        op = Op(self, "accept", callback, None, None)
         return self._submit(op, lib.px_op_accept, fd, self._tmo(timeout))
 
     def openat(self, path: Any, flags: int, mode: int, callback: Callable[[Op], Any], *,
                dir_fd: int = -100) -> Op:
         """Open ``path`` (relative to ``dir_fd``, default the cwd); result: the fd."""
         p = os.fsencode(path)
-        op = self._op("openat", callback, None, None, None)
+        op = Op(self, "openat", callback, None, None)
         return self._submit(op, lib.px_op_openat, dir_fd, p, flags, mode, -1)
 
     def close_fd(self, fd: int, callback: Optional[Callable[[Op], Any]] = None) -> Op:
         """Close ``fd`` through the ring; result: None."""
-        op = self._op("close", callback, None, lambda n: None, None)
+        op = Op(self, "close", callback, None, lambda n: None)
         return self._submit(op, lib.px_op_close, fd)
 
     def timeout(self, seconds: float, callback: Callable[[Op], Any]) -> Op:
@@ -954,11 +946,11 @@ class UringEngine:
     def poll(self, fd: int, mask: int, callback: Callable[[Op], Any], *,
              timeout: Optional[float] = None) -> Op:
         """Wait until ``fd`` is ready for ``mask`` (select.POLLIN, ...); result: the events."""
-        op = self._op("poll", callback, None, None, timeout)
+        op = Op(self, "poll", callback, None, None)
         return self._submit(op, lib.px_op_poll, fd, mask, self._tmo(timeout))
 
     def nop(self, callback: Callable[[Op], Any]) -> Op:
-        op = self._op("nop", callback, None, None, None)
+        op = Op(self, "nop", callback, None, None)
         return self._submit(op, lib.px_op_nop)
 
     def cancel_fd(self, fd: int) -> None:
@@ -1001,10 +993,9 @@ class UringEngine:
         """Read into registered buffer ``index`` (from ``buf_offset``); result: bytes read.
         A range outside the buffer raises ValueError."""
         self._check_fixed(index, nbytes, buf_offset)
-        op = Op(self, "read_fixed", callback, None, None)   # the engine pins registered
-        op._timed = timeout is not None                      # buffers itself
+        op = Op(self, "read_fixed", callback, None, None)  # the engine pins the buffers
         return self._submit(op, lib.px_op_read_fixed, fd, index, buf_offset, nbytes,
-                            offset & 0xFFFFFFFFFFFFFFFF, -1 if timeout is None else self._tmo(timeout))
+                            offset & 0xFFFFFFFFFFFFFFFF, self._tmo(timeout))
 
     def write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
                     callback: Callable[[Op], Any], *, buf_offset: int = 0,
@@ -1013,9 +1004,8 @@ class UringEngine:
         written. A range outside the buffer raises ValueError."""
         self._check_fixed(index, nbytes, buf_offset)
         op = Op(self, "write_fixed", callback, None, None)
-        op._timed = timeout is not None
         return self._submit(op, lib.px_op_write_fixed, fd, index, buf_offset, nbytes,
-                            offset & 0xFFFFFFFFFFFFFFFF, -1 if timeout is None else self._tmo(timeout))
+                            offset & 0xFFFFFFFFFFFFFFFF, self._tmo(timeout))
 
     def _check_loop(self, what: str) -> None:
         if _get_ident() != self._thread_id:
@@ -1077,7 +1067,7 @@ class UringEngine:
             if "hard" not in sd:
                 sd["hard"] = now + 5.0
                 for idx, op in list(self._ops.items()):
-                    op._cancel_req = True      # reported as ECANCELED, not a timeout
+                    op._cancel_req = True
                     lib.px_op_cancel(self._r, idx)
                 lib.px_stop_wakeup(self._r)
             if (lib.px_inflight(self._r) == 0 and not self._ops

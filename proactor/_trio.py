@@ -122,6 +122,9 @@ _CONNECT_PENDING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
 _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO if hasattr(errno, "EPROTO") else -1,
                      errno.EINTR, errno.EAGAIN}
 _AT_FDCWD = -100
+#: Calls from other threads run per loop turn (a thread posting without pause must not
+#: keep the loop from completing anything).
+_CMDS_PER_TURN = 1024
 
 # fd kinds for the low-level ops
 _FILE, _STREAM, _SOCK = range(3)
@@ -134,8 +137,8 @@ class TrioConnection:
     __slots__ = ("_engine", "_sock", "_fd", "_handler", "_data_received", "_wpool", "_wq",
                  "_wsched", "_closing", "_closed", "_aborted", "_fail_exc", "_user_paused",
                  "_bp_paused", "_sd_paused", "_no_read", "_rpark", "_drain_cbs", "_sendq",
-                 "_sendq_bytes", "_writing", "_tasks", "_rscope", "_wscope", "server",
-                 "__weakref__")
+                 "_sendq_bytes", "_writing", "_tasks", "_rscope", "_wscope", "_bidx",
+                 "server", "__weakref__")
 
     def __init__(self, engine: TrioEngine, sock: socket.socket, server: Optional[TrioServer],
                  pool: Optional[WorkerPool]) -> None:
@@ -163,6 +166,7 @@ class TrioConnection:
         self._tasks = 0                  # reader + writer tasks not yet exited
         self._rscope = trio.CancelScope()
         self._wscope: Any = None
+        self._bidx = 0                   # index of its last DATA event in the pool's batch
         self.server = server
 
     # -- sending
@@ -469,7 +473,7 @@ class TrioEngine:
         self._nread = 0                      # readers armed (alive and not paused)
         self._nwrite = 0                     # writer tasks
         self._nlisten = 0                    # listener tasks
-        self._pinned = 0                     # ops in flight holding buffers
+        self._ntimed = 0                     # ops in flight with a timeout (deadline)
         self._bytes_in = 0
         self._bytes_out = 0
         self._send_queued = 0
@@ -639,12 +643,16 @@ class TrioEngine:
         self._wake_pending = False
         cmds = self._cmds
         pop = cmds.popleft
-        for _ in range(len(cmds)):
+        for _ in range(min(len(cmds), _CMDS_PER_TURN)):
             fn, args = pop()
             try:
                 fn(*args)
             except Exception:
                 logger.exception("call of %r raised", fn)
+        if cmds and not self._wake_pending and self._token is not None:
+            # A thread posts faster than we run: let the other tasks have this turn.
+            self._wake_pending = True
+            self._token.run_sync_soon(self._run_cmds)
 
     def _run_ready(self) -> None:
         ready = self._ready
@@ -781,10 +789,18 @@ class TrioEngine:
                         except Exception as e:
                             handler_failed(c, e)
                     else:
+                        # Bytes of one connection read in the same turn go to the worker
+                        # as one event (up to 64 KiB), as with the io_uring engine.
                         b = p._batch
+                        j = c._bidx
+                        if (j < len(b) and b[j][0] is c and b[j][1] == DATA
+                                and len(b[j][2]) < 65536):
+                            b[j] = (c, DATA, b[j][2] + data)
+                            continue
                         if not b:
                             self._touched.append(p)
                             self._wake_sched()
+                        c._bidx = len(b)
                         b.append((c, DATA, data))
                         if p.pending + len(b) >= p.max_queue:
                             self._backpressure(p, c)
@@ -806,6 +822,8 @@ class TrioEngine:
             with c._wscope:
                 while q:
                     await wait(fd)
+                    if not q:
+                        break            # aborted after epoll had already woken us
                     try:
                         if _HAVE_SENDMSG and len(q) > 1:
                             n = sock.sendmsg(islice(q, _IOV_MAX))
@@ -998,9 +1016,13 @@ class TrioEngine:
         self._next_op = idx + 1
         op._index = idx
         self._ops[idx] = rec
-        if op._keep is not None:
-            self._pinned += 1
-        self._nursery.start_soon(self._op_task, rec, fn, args)
+        if timeout is not None:
+            self._ntimed += 1
+        if fn is None:                       # nop: no task, completed from the scheduler
+            self._ready.append((self._op_done, (rec, 0, None)))
+            self._wake_sched()
+        else:
+            self._nursery.start_soon(self._op_task, rec, fn, args)
         return op
 
     async def _op_task(self, rec: _OpRec, fn: Callable[..., Any], args: tuple) -> None:
@@ -1023,10 +1045,15 @@ class TrioEngine:
             value = None
             timed_out = not rec.cancelled and trio.current_time() >= rec.scope.deadline
             exc = os_error(errno.ETIMEDOUT if timed_out else errno.ECANCELED, op.name)
+        self._op_done(rec, value, exc)
+
+    def _op_done(self, rec: _OpRec, value: Any, exc: Optional[BaseException]) -> None:
+        op = rec.op
         del self._ops[op._index]
-        if op._keep is not None:
-            self._pinned -= 1
         self._ncompleted += 1
+        if op._timed:
+            self._ntimed -= 1
+            self._ncompleted += 1
         op._resolve(value, exc)
 
     def _cancel_op(self, op: Op) -> None:
@@ -1075,6 +1102,17 @@ class TrioEngine:
         for ev in w.events:
             ev.set()
 
+    async def _wait_or_thread(self, fd: int, writable: bool) -> bool:
+        """Wait for readiness; False if ``fd`` cannot be waited for (epoll and kqueue
+        refuse some character devices, e.g. ``/dev/null``): do its I/O in a thread."""
+        try:
+            await self._wait(fd, writable)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EINVAL):
+                return False
+            raise
+        return True
+
     def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return trio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
 
@@ -1088,7 +1126,9 @@ class TrioEngine:
                 n = await self._sock_io(fd, False, lambda s: s.recv_into(mv, len(mv), _DONTWAIT))
             else:
                 while True:
-                    await self._wait(fd, False)
+                    if not await self._wait_or_thread(fd, False):
+                        n = await self._in_thread(self._file_readinto, fd, mv, offset)
+                        break
                     try:
                         n = os.readv(fd, [mv])
                         break
@@ -1106,7 +1146,8 @@ class TrioEngine:
             if kind == _SOCK:
                 return await self._sock_io(fd, True, lambda s: s.send(mv, _DONTWAIT))
             while True:
-                await self._wait(fd, True)
+                if not await self._wait_or_thread(fd, True):
+                    return await self._in_thread(self._file_write, fd, mv, offset)
                 try:
                     return _nonblocking(fd, os.write, fd, mv)
                 except BlockingIOError:
@@ -1123,7 +1164,8 @@ class TrioEngine:
                 data = b"".join(views)
                 return await self._sock_io(fd, True, lambda s: s.send(data, _DONTWAIT))
             while True:
-                await self._wait(fd, True)
+                if not await self._wait_or_thread(fd, True):
+                    return await self._in_thread(self._file_writev, fd, views, offset)
                 try:
                     return _nonblocking(fd, os.writev, fd, views)
                 except BlockingIOError:
@@ -1368,8 +1410,9 @@ class TrioEngine:
                 await self._wait(fd, want_w)
 
     def nop(self, callback: Callable[[Op], Any]) -> Op:
+        """An op that does nothing; result: 0 (its callback comes on a later turn)."""
         op = self._new_op("nop", callback, None, None)
-        return self._launch(op, -1, _zero, ())
+        return self._launch(op, -1, None, ())
 
     def cancel_fd(self, fd: int) -> None:
         """Cancel every low-level op in flight on ``fd`` (each still completes)."""
@@ -1398,6 +1441,8 @@ class TrioEngine:
         self._registered = []
 
     def _fixed(self, index: int, nbytes: int, buf_offset: int) -> memoryview:
+        if not 0 <= index < len(self._registered):
+            raise ValueError(f"no registered buffer {index}")
         _, mv = self._registered[index]
         if buf_offset < 0 or nbytes < 0 or buf_offset + nbytes > len(mv):
             raise ValueError("range outside the registered buffer")
@@ -1406,17 +1451,20 @@ class TrioEngine:
     def read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
                    callback: Callable[[Op], Any], *, buf_offset: int = 0,
                    timeout: Optional[float] = None) -> Op:
-        """Read into registered buffer ``index``; result: bytes read."""
+        """Read into registered buffer ``index`` (from ``buf_offset``); result: bytes read.
+        A range outside the buffer raises ValueError."""
         view = self._fixed(index, nbytes, buf_offset)
-        op = self._new_op("read_fixed", callback, self._registered[index], timeout)
+        op = self._new_op("read_fixed", callback, None, timeout)   # the engine pins
+        # registered buffers itself
         return self._launch(op, fd, self._do_readinto, (fd, view, offset, False), timeout)
 
     def write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
                     callback: Callable[[Op], Any], *, buf_offset: int = 0,
                     timeout: Optional[float] = None) -> Op:
-        """Write from registered buffer ``index``; result: bytes written."""
+        """Write from registered buffer ``index`` (from ``buf_offset``); result: bytes
+        written. A range outside the buffer raises ValueError."""
         view = self._fixed(index, nbytes, buf_offset)
-        op = self._new_op("write_fixed", callback, self._registered[index], timeout)
+        op = self._new_op("write_fixed", callback, None, timeout)
         return self._launch(op, fd, self._do_write, (fd, view, offset), timeout)
 
     def _check_loop(self, what: str) -> None:
@@ -1427,19 +1475,23 @@ class TrioEngine:
     def stats(self) -> Stats:
         """Counters, readable from any thread.
 
-        In flight: the cross-thread entry while the loop runs (as the io_uring engine's
-        wakeup read), one accept per listening socket, one recv per reading connection,
-        one send per connection with a writer, and the low-level ops. Submitted is
-        completed + in flight. No receive buffer pool and no completion queue here:
-        ``buffers_*`` and ``cq_overflow`` are 0."""
+        Counted as the io_uring engine counts its requests, so one idle baseline fits
+        both: in flight are the cross-thread entry while the loop runs (the io_uring
+        engine's wakeup read), one accept per listening socket, one recv per reading
+        connection, one send per connection with a writer, each low-level op and, for
+        an op with ``timeout=``, its deadline (io_uring's linked timeout). Submitted is
+        completed + in flight. Pinned: every low-level op in flight (it holds its
+        buffers until its final completion) and every registered buffer. No receive
+        buffer pool and no completion queue here: ``buffers_*`` and ``cq_overflow``
+        are 0."""
         in_flight = (int(self._loop_running) + self._nlisten + self._nread + self._nwrite
-                     + len(self._ops))
+                     + len(self._ops) + self._ntimed)
         done = self._ncompleted
         return Stats(
             backend=self.backend,
             ops_submitted=done + in_flight, ops_completed=done, ops_in_flight=in_flight,
             buffers_in_use=0, buffers_total=0,
-            pinned_objects=self._pinned + len(self._registered),
+            pinned_objects=len(self._ops) + len(self._registered),
             connections=len(self._conns),
             queue_depth=sum(p.pending for p in self._pools),
             bytes_in=self._bytes_in, bytes_out=self._bytes_out,
@@ -1481,6 +1533,7 @@ class TrioEngine:
             # 3. cancel the low-level ops and wait for their final completions
             self._hard = True
             for rec in list(self._ops.values()):
+                rec.op._cancel_req = True    # reported as ECANCELED, not a timeout
                 rec.cancelled = True
                 rec.scope.cancel()
             hard = _monotonic() + 5.0
@@ -1581,6 +1634,3 @@ def _open(path: Any, flags: int, mode: int, dir_fd: Optional[int]) -> int:
         return os.open(path, flags, mode)
     return os.open(path, flags, mode, dir_fd=dir_fd)
 
-
-async def _zero() -> int:
-    return 0

@@ -5,9 +5,7 @@ the engine under test runs on its own thread, the test thread is an ordinary cli
 """
 from __future__ import annotations
 
-import errno
 import os
-import random
 import selectors
 import socket
 import threading
@@ -18,6 +16,14 @@ import proactor
 
 #: Default per-socket timeout of the test clients (seconds).
 CLIENT_TIMEOUT = 20.0
+
+#: What a backend has beyond the common API; tests check these only where present (a
+#: backend not listed has none of them, so adding a backend needs no entry here).
+FEATURES = {"uring": {"buffer_pool", "linked_timeout_requests"}}
+
+
+def has_feature(backend: str, feature: str) -> bool:
+    return feature in FEATURES.get(backend, ())
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005,
@@ -68,8 +74,8 @@ def describe_fds(fds: Iterable[int]) -> str:
     return ", ".join(out)
 
 
-def connect(address: tuple, *, timeout: float = CLIENT_TIMEOUT, rcvbuf: Optional[int] = None
-            ) -> socket.socket:
+def connect(address: tuple, *, timeout: float = CLIENT_TIMEOUT, rcvbuf: Optional[int] = None,
+            nodelay: bool = False) -> socket.socket:
     """A blocking client socket connected to ``address`` (127.0.0.1 or ::1 only)."""
     assert address[0] in ("127.0.0.1", "::1"), address
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -78,6 +84,8 @@ def connect(address: tuple, *, timeout: float = CLIENT_TIMEOUT, rcvbuf: Optional
         s.settimeout(timeout)
         if rcvbuf is not None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if nodelay:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.connect(address[:2])
     except BaseException:
         s.close()
@@ -120,10 +128,6 @@ def echo_once(address: tuple, payload: bytes = b"ping") -> None:
         assert recv_exactly(s, len(payload)) == payload
 
 
-def random_payload(rng: random.Random, n: int) -> bytes:
-    return rng.randbytes(n)
-
-
 class _Client:
     __slots__ = ("sock", "out", "sent", "expect", "got", "half_close", "eof", "done",
                  "chunk")
@@ -142,7 +146,8 @@ class _Client:
 
 
 def run_echo_clients(address: tuple, payloads: list[bytes], *, half_close: bool = False,
-                     timeout: float = 60.0, send_chunk: int = 1 << 20) -> None:
+                     timeout: float = 60.0, send_chunk: int = 1 << 20,
+                     nodelay: bool = False) -> None:
     """Drive one client per payload with a selector on this thread: every client sends its
     payload (as fast as the server takes it, while reading at the same time, so both
     directions are busy and short sends happen) and checks that exactly the same bytes come
@@ -153,7 +158,7 @@ def run_echo_clients(address: tuple, payloads: list[bytes], *, half_close: bool 
     deadline = time.monotonic() + timeout
     try:
         for p in payloads:
-            s = connect(address)
+            s = connect(address, nodelay=nodelay)
             s.setblocking(False)
             c = _Client(s, p, half_close, send_chunk)
             clients.append(c)
@@ -328,9 +333,3 @@ def fill_pipe(wfd: int) -> int:
         except BlockingIOError:
             return total
 
-
-def is_errno(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, OSError) and exc.errno in codes
-
-
-ECANCELED = errno.ECANCELED

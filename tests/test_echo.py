@@ -5,8 +5,9 @@ import random
 import socket
 
 import pytest
-from support import (Echo, Recorder, connect, factory_collecting, ipv6_loopback_available,
-                     recv_exactly, recv_until_eof, run_echo_clients, wait_until)
+from support import (Echo, Recorder, connect, factory_collecting, has_feature,
+                     ipv6_loopback_available, recv_exactly, recv_until_eof, run_echo_clients,
+                     wait_until)
 
 pytestmark = [pytest.mark.linux, pytest.mark.timeout(60)]
 
@@ -40,9 +41,10 @@ def test_many_concurrent_clients(engine, workers):
     payloads = [rng.randbytes(rng.choice((1, 7, 100, 1500, rng.randint(1, 65536))))
                 for _ in range(300)]
     run_echo_clients(("127.0.0.1", srv.port), payloads, timeout=50, send_chunk=4096)
-    st = engine.stats()
-    assert st.bytes_in >= sum(map(len, payloads))
-    assert st.bytes_out >= sum(map(len, payloads))
+    total = sum(map(len, payloads))
+    # the last send completions may be reaped just after the clients got their bytes
+    wait_until(lambda: engine.stats().bytes_out >= total, message="bytes_out to count all")
+    assert engine.stats().bytes_in >= total
 
 
 @pytest.mark.parametrize("workers", WORKERS)
@@ -86,10 +88,11 @@ def test_half_close_blocking_client(engine, workers):
 
 @pytest.mark.parametrize("engine", [{"buffers": 8, "buffer_size": 1024}], indirect=True)
 @pytest.mark.parametrize("workers", WORKERS)
-def test_more_senders_than_buffers(engine, workers):
+def test_more_senders_than_buffers(engine, backend, workers):
     """64 clients each sending 256 KiB at once into a pool of 8 × 1 KiB buffers: the pool
     runs dry over and over (ENOBUFS, re-arm), yet every byte comes back, in order."""
-    assert engine.stats().buffers_total == 8
+    if has_feature(backend, "buffer_pool"):
+        assert engine.stats().buffers_total == 8
     rng = random.Random(64)
     srv = engine.serve_tcp(Echo, "127.0.0.1", 0, workers=workers)
     payloads = [rng.randbytes(256 * 1024) for _ in range(64)]

@@ -1,0 +1,382 @@
+"""Closing: peer resets, server-side close/abort, send after close, cancelling ops and
+shutting down with ops in flight."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import select
+import socket
+import struct
+import threading
+
+import pytest
+from support import (Echo, Recorder, connect, echo_once, factory_collecting, has_feature,
+                     on_engine_thread, recv_exactly, recv_until_eof, wait_until)
+
+import proactor
+
+pytestmark = [pytest.mark.linux, pytest.mark.timeout(60)]
+
+WORKERS = [pytest.param(0, id="workers0"), pytest.param(4, id="workers4")]
+BIG = 16 << 20
+
+
+class OnCommand(proactor.Handler):
+    """Runs ``action(conn)`` when a command arrives; records connection_lost."""
+
+    action = staticmethod(lambda conn: None)
+
+    def __init__(self) -> None:
+        self.conn = None
+        self.lost_calls: list = []
+        self.lost = threading.Event()
+        self.send_errors: list = []
+        self.lost_thread = None
+
+    def connection_made(self, conn):
+        self.conn = conn
+
+    def data_received(self, conn, data):
+        if data.startswith(b"GO"):
+            type(self).action(conn, self)
+        else:
+            conn.send(data)
+
+    def connection_lost(self, conn, exc):
+        self.lost_calls.append(exc)
+        try:
+            conn.send(b"too late")
+        except OSError as e:
+            self.send_errors.append(e)
+        self.lost.set()
+
+
+def serve(engine, action, workers=0):
+    cls = type("H", (OnCommand,), {"action": staticmethod(action)})
+    handlers: list = []
+    srv = engine.serve_tcp(factory_collecting(cls, handlers), "127.0.0.1", 0, workers=workers)
+    return ("127.0.0.1", srv.port), handlers
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_client_reset_while_server_sends(engine, workers):
+    payload = random.Random(1).randbytes(1 << 20)
+
+    def flood(conn, h):
+        try:
+            for _ in range(32):        # 32 MiB queued, far more than the socket buffers
+                conn.send(payload)
+        except BrokenPipeError:        # on a worker, the reset may already have closed it
+            pass
+
+    addr, handlers = serve(engine, flood, workers)
+    s = connect(addr, rcvbuf=65536)
+    try:
+        s.sendall(b"GO")
+        recv_exactly(s, 100_000)        # the server is in the middle of sending
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        s.close()                       # RST
+    wait_until(lambda: handlers and handlers[0].lost.is_set(), timeout=10,
+               message="connection_lost after the peer's reset")
+    h = handlers[0]
+    assert len(h.lost_calls) == 1
+    exc = h.lost_calls[0]
+    assert exc is None or isinstance(exc, (ConnectionResetError, BrokenPipeError)), repr(exc)
+    # the engine is healthy
+    echo_once(addr, b"still alive")
+    wait_until(lambda: engine.stats().send_queued == 0, message="send_queued == 0")
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_close_flushes_queued_data(engine, workers):
+    payload = random.Random(2).randbytes(BIG)
+
+    def send_and_close(conn, h):
+        conn.send(payload[: BIG // 2])
+        conn.send(memoryview(payload)[BIG // 2:])
+        conn.close()
+
+    addr, handlers = serve(engine, send_and_close, workers)
+    with connect(addr) as s:
+        s.sendall(b"GO")
+        got = recv_until_eof(s)
+    assert len(got) == len(payload)
+    assert got == payload
+    h = handlers[0]
+    assert h.lost.wait(10)
+    assert h.lost_calls == [None]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_close_from_another_thread_flushes(engine, workers):
+    payload = random.Random(3).randbytes(BIG)
+    addr, handlers = serve(engine, lambda conn, h: None, workers)
+    with connect(addr) as s:
+        s.sendall(b"hi")
+        assert recv_exactly(s, 2) == b"hi"
+        conn = handlers[0].conn
+        conn.send(payload)             # from the test thread
+        conn.close()
+        assert recv_until_eof(s) == payload
+    assert handlers[0].lost.wait(10)
+    assert handlers[0].lost_calls == [None]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_abort_drops_unsent_data(engine, workers):
+    payload = random.Random(4).randbytes(BIG)
+
+    def send_and_abort(conn, h):
+        conn.send(payload)
+        conn.abort()
+
+    addr, handlers = serve(engine, send_and_abort, workers)
+    with connect(addr, rcvbuf=65536) as s:
+        s.sendall(b"GO")
+        wait_until(lambda: handlers and handlers[0].lost.is_set(), timeout=10,
+                   message="connection_lost")
+        got = recv_until_eof(s)
+    assert len(got) < len(payload), "abort() sent everything"
+    assert got == payload[: len(got)]
+    h = handlers[0]
+    assert len(h.lost_calls) == 1
+    assert h.lost_calls[0] is None or isinstance(h.lost_calls[0], OSError)
+    assert h.conn.closed
+    echo_once(addr)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_send_after_close_raises_epipe(engine, workers):
+    after_close: list = []
+
+    def close_then_send(conn, h):
+        conn.close()
+        try:
+            conn.send(b"x")
+        except OSError as e:
+            after_close.append(e)
+
+    addr, handlers = serve(engine, close_then_send, workers)
+    with connect(addr) as s:
+        s.sendall(b"GO")
+        assert recv_until_eof(s) == b""
+    h = handlers[0]
+    assert h.lost.wait(10)
+    for e in after_close + h.send_errors:
+        assert isinstance(e, BrokenPipeError), repr(e)
+        assert e.errno == errno.EPIPE
+    assert len(after_close) == 1 and len(h.send_errors) == 1
+    # and from another thread, once closed
+    with pytest.raises(BrokenPipeError) as ei:
+        h.conn.send(b"y")
+    assert ei.value.errno == errno.EPIPE
+    assert h.conn.closed
+
+
+def test_close_twice_and_abort_after_close(engine):
+    handlers: list = []
+    srv = engine.serve_tcp(factory_collecting(Recorder, handlers), "127.0.0.1", 0)
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"a")
+        assert recv_exactly(s, 1) == b"a"
+        conn = handlers[0].conn
+        conn.close()
+        conn.close()
+        conn.abort()
+        assert recv_until_eof(s) == b""
+    assert handlers[0].lost.wait(10)
+    wait_until(lambda: conn.closed)
+    conn.close()
+    conn.abort()
+    assert handlers[0].lost_calls == [None]
+
+
+def test_peer_close_while_idle(engine):
+    handlers: list = []
+    srv = engine.serve_tcp(factory_collecting(Recorder, handlers), "127.0.0.1", 0)
+    s = connect(("127.0.0.1", srv.port))
+    wait_until(lambda: handlers and handlers[0].made.is_set())
+    s.close()
+    assert handlers[0].lost.wait(10)
+    assert handlers[0].eof
+    assert handlers[0].lost_calls == [None]
+
+
+# ------------------------------------------------------------------ low-level ops
+class Calls:
+    """Counts the callback runs of each op (and on which thread)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs: dict = {}
+        self.threads: set = set()
+
+    def __call__(self, op):
+        with self.lock:
+            self.runs[id(op)] = self.runs.get(id(op), 0) + 1
+            self.threads.add(threading.get_ident())
+
+    def count(self, op) -> int:
+        with self.lock:
+            return self.runs.get(id(op), 0)
+
+
+def assert_cancelled(op):
+    assert op.done()
+    with pytest.raises(OSError) as ei:
+        op.result()
+    assert ei.value.errno == errno.ECANCELED, f"{op.name}: {ei.value!r}"
+
+
+@pytest.fixture
+def stuck_fds():
+    """Fds on which nothing ever happens: socketpairs, a pipe, a listening socket."""
+    sp1 = socket.socketpair()
+    sp2 = socket.socketpair()
+    r, w = os.pipe()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    yield {"sock": sp1[0].fileno(), "sock2": sp2[0].fileno(), "pipe": r,
+           "listener": lsock.fileno()}
+    for s in (*sp1, *sp2, lsock):
+        s.close()
+    os.close(r)
+    os.close(w)
+
+
+def start_stuck_ops(engine, fds, calls):
+    return [
+        engine.recv(fds["sock"], 100, calls),
+        engine.recv(fds["sock2"], 100, calls),
+        engine.read(fds["pipe"], 100, -1, calls),
+        engine.readinto(fds["pipe"], bytearray(64), -1, calls),
+        engine.timeout(60, calls),
+        engine.poll(fds["sock2"], select.POLLIN, calls),
+        engine.accept(fds["listener"], calls),
+    ]
+
+
+def start_timed_stuck_ops(engine, fds, calls):
+    """Ops with a linked timeout that cannot fire during the test."""
+    return [
+        engine.recv(fds["sock"], 100, calls, timeout=60),
+        engine.read(fds["pipe"], 10, -1, calls, timeout=60),
+    ]
+
+
+def test_cancel_ops_in_flight(engines, stuck_fds):
+    engine = engines.make()
+    calls = Calls()
+    ops = start_stuck_ops(engine, stuck_fds, calls) + start_timed_stuck_ops(
+        engine, stuck_fds, calls)
+    wait_until(lambda: engine.stats().pinned_objects == len(ops))
+    # 1 wakeup read + each op (+ the 2 linked timeouts, where they are requests too)
+    in_flight = engine.stats().ops_in_flight
+    if has_feature(engines.backend, "linked_timeout_requests"):
+        assert in_flight == 1 + len(ops) + 2
+    else:
+        assert in_flight >= 1 + len(ops)
+    assert not any(op.done() for op in ops)
+    for op in ops:
+        op.cancel()
+    wait_until(lambda: all(calls.count(op) for op in ops), timeout=10,
+               message="callbacks of the cancelled ops")
+    for op in ops:
+        assert_cancelled(op)
+    for op in ops:
+        op.cancel()                    # cancelling a finished op does nothing
+    engines.wait_idle(engine)
+    assert all(calls.count(op) == 1 for op in ops)
+    assert calls.threads == {on_engine_thread(engine, threading.get_ident)}
+
+
+@pytest.mark.parametrize("timed", [False, True], ids=["plain", "linked_timeout"])
+def test_cancel_fd(engines, stuck_fds, timed):
+    engine = engines.make()
+    calls = Calls()
+    tmo = 60 if timed else None
+    ops = [engine.recv(stuck_fds["sock"], 10, calls, timeout=tmo) for _ in range(3)]
+    other = engine.recv(stuck_fds["sock2"], 10, calls)
+    wait_until(lambda: engine.stats().pinned_objects == 4)
+    engine.cancel_fd(stuck_fds["sock"])
+    wait_until(lambda: all(calls.count(op) for op in ops), timeout=10)
+    for op in ops:
+        assert_cancelled(op)
+    assert not other.done()
+    other.cancel()
+    wait_until(lambda: calls.count(other) == 1)
+    assert_cancelled(other)
+    engines.wait_idle(engine)
+
+
+@pytest.mark.parametrize("timed", [False, True], ids=["plain", "linked_timeout"])
+def test_shutdown_with_ops_in_flight(make_engine, stuck_fds, timed):
+    """Ops still in flight when the engine closes: each callback runs exactly once, with
+    ECANCELED; nothing stays pinned or in flight."""
+    engine = make_engine()
+    calls = Calls()
+    ops = start_stuck_ops(engine, stuck_fds, calls)
+    if timed:
+        ops += start_timed_stuck_ops(engine, stuck_fds, calls)
+    wait_until(lambda: engine.stats().pinned_objects == len(ops))
+    cancelled = ops[::2]
+    for op in cancelled:
+        op.cancel()
+    wait_until(lambda: all(calls.count(op) for op in cancelled))
+    left = [op for op in ops if op not in cancelled]
+    assert not any(calls.count(op) for op in left)
+    engine.stop()
+    assert engine.join(15), "the engine did not stop with ops in flight"
+    engine.close()
+    for op in ops:
+        assert calls.count(op) == 1, f"{op.name}: callback ran {calls.count(op)} times"
+    for op in ops:
+        assert_cancelled(op)
+    st = engine.stats()
+    assert st.pinned_objects == 0
+    assert st.ops_in_flight == 0
+
+
+def test_op_submitted_after_close_fails(make_engine, stuck_fds):
+    engine = make_engine()
+    engine.close()
+    calls = Calls()
+    with pytest.raises(proactor.EngineClosed):
+        engine.recv(stuck_fds["sock"], 10, calls)
+    with pytest.raises(proactor.EngineClosed):
+        engine.call_soon(print)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_stop_with_large_queued_send_delivers_it(make_engine, workers):
+    """A graceful stop lets queued data go out before closing."""
+    engine = make_engine()
+    payload = random.Random(6).randbytes(8 << 20)
+    addr, handlers = serve(engine, lambda conn, h: conn.send(payload), workers)
+    with connect(addr) as s:
+        s.sendall(b"GO")
+        recv_exactly(s, 1000)
+        engine.stop(timeout=20)
+        got = recv_until_eof(s)
+    assert engine.join(20)
+    assert b"".join([payload[:1000], got]) == payload
+    assert handlers[0].lost_calls == [None]
+
+
+def test_echo_after_many_closes(engine):
+    """Slots are reused correctly after many open/close cycles."""
+    srv = engine.serve_tcp(Echo, "127.0.0.1", 0)
+    addr = ("127.0.0.1", srv.port)
+    for i in range(200):
+        s = connect(addr)
+        if i % 3 == 0:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif i % 3 == 1:
+            s.sendall(b"x%d" % i)
+            assert recv_exactly(s, len(b"x%d" % i)) == b"x%d" % i
+        s.close()
+    echo_once(addr, b"last")
+    wait_until(lambda: engine.stats().connections == 0, timeout=10)

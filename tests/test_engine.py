@@ -1,0 +1,367 @@
+"""The engine as a whole: stats, stop/join, servers, flow control, the example script."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support import (Echo, Recorder, connect, echo_once, factory_collecting, free_port,
+                     has_feature, on_engine_thread, recv_exactly, recv_until_eof, wait_until)
+
+import proactor
+
+pytestmark = [pytest.mark.linux, pytest.mark.timeout(60)]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_stats_fields_are_ints_and_move(engine, backend):
+    st = engine.stats()
+    assert isinstance(st, proactor.Stats)
+    for f in dataclasses.fields(st):
+        v = getattr(st, f.name)
+        if f.name == "backend":
+            assert isinstance(v, str) and v
+        else:
+            assert type(v) is int, (f.name, v)
+    if has_feature(backend, "buffer_pool"):
+        assert st.buffers_total > 0
+    srv = engine.serve_tcp(Echo, "127.0.0.1", 0)
+    echo_once(("127.0.0.1", srv.port), b"x" * 1000)
+    wait_until(lambda: engine.stats().connections == 0)
+    st2 = engine.stats()
+    assert st2.bytes_in >= st.bytes_in + 1000
+    assert st2.bytes_out >= st.bytes_out + 1000
+    assert st2.ops_submitted > st.ops_submitted
+    assert st2.ops_completed > st.ops_completed
+    assert st2.cq_overflow == 0
+
+
+def test_stats_counts_connections(engine):
+    srv = engine.serve_tcp(Echo, "127.0.0.1", 0)
+    socks = [connect(("127.0.0.1", srv.port)) for _ in range(5)]
+    try:
+        for s in socks:
+            s.sendall(b"hi")
+            assert recv_exactly(s, 2) == b"hi"
+        assert engine.stats().connections == 5
+    finally:
+        for s in socks:
+            s.close()
+    wait_until(lambda: engine.stats().connections == 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stop_from_another_thread_with_clients(make_engine, workers):
+    engine = make_engine()
+    handlers: list = []
+    srv = engine.serve_tcp(factory_collecting(Recorder, handlers), "127.0.0.1", 0,
+                           workers=workers)
+    port = srv.port
+    socks = [connect(("127.0.0.1", port)) for _ in range(10)]
+    try:
+        for s in socks:
+            s.sendall(b"ping")
+            assert recv_exactly(s, 4) == b"ping"
+        assert engine.running
+        stopper = threading.Thread(target=engine.stop)
+        stopper.start()
+        stopper.join()
+        assert engine.join(10), "the engine did not stop"
+        assert not engine.running
+        for s in socks:
+            assert recv_until_eof(s) == b""
+    finally:
+        for s in socks:
+            s.close()
+    assert all(h.lost_calls == [None] for h in handlers)
+    # the listening port is free again
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(1)
+    with pytest.raises(ConnectionRefusedError):
+        connect(("127.0.0.1", port)).close()
+    with pytest.raises(proactor.EngineClosed):
+        engine.serve_tcp(Echo, "127.0.0.1", 0)
+    engine.close()      # idempotent
+    assert engine.join(0)
+
+
+def test_serve_tcp_on_port_in_use(engine):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        before = engine.stats()
+        with pytest.raises(OSError) as ei:
+            engine.serve_tcp(Echo, "127.0.0.1", port)
+        assert ei.value.errno == errno.EADDRINUSE
+        assert engine.stats().ops_in_flight == before.ops_in_flight
+    srv = engine.serve_tcp(Echo, "127.0.0.1", 0)      # the engine is fine
+    echo_once(("127.0.0.1", srv.port))
+
+
+def test_two_servers_and_server_close(engines):
+    engine = engines.make()
+    s1 = engine.serve_tcp(Echo, "127.0.0.1", 0)
+    s2 = engine.serve_tcp(Echo, "127.0.0.1", 0, workers=2)
+    assert s1.port != s2.port
+    engines.wait_idle(engine)
+    assert engine.stats().ops_in_flight == 3       # wakeup read + 2 multishot accepts
+    echo_once(("127.0.0.1", s1.port))
+    echo_once(("127.0.0.1", s2.port))
+    kept = connect(("127.0.0.1", s1.port))
+    try:
+        kept.sendall(b"a")
+        assert recv_exactly(kept, 1) == b"a"
+        s1.close()
+        wait_until(lambda: s1.closed)
+        with pytest.raises(ConnectionRefusedError):
+            connect(("127.0.0.1", s1.port)).close()
+        kept.sendall(b"still")                       # accepted connections carry on
+        assert recv_exactly(kept, 5) == b"still"
+    finally:
+        kept.close()
+    echo_once(("127.0.0.1", s2.port))
+    engines.wait_idle(engine)
+    assert engine.stats().ops_in_flight == 2
+
+
+def test_engine_runs_once_and_close_unstarted(engines):
+    eng = proactor.Engine(backend=engines.backend)
+    eng.close()                                      # never run: just releases its pipe
+    assert eng.join(0)
+    engine = engines.make()
+    with pytest.raises(RuntimeError):
+        engine.run()
+
+
+def test_options(make_engine, backend):
+    engine = make_engine(entries=64, buffers=16, buffer_size=4096)
+    if has_feature(backend, "buffer_pool"):
+        assert engine.stats().buffers_total == 16
+    srv = engine.serve_tcp(Echo, "127.0.0.1", 0)
+    echo_once(("127.0.0.1", srv.port), b"z" * 100_000)
+    if has_feature(backend, "buffer_pool"):
+        with pytest.raises(ValueError):
+            proactor.Engine(backend=backend, buffers=3)
+    with pytest.raises(ValueError):
+        proactor.Engine(backend="no-such-backend")
+
+
+def test_pause_and_resume_reading(engine):
+    handlers: list = []
+    srv = engine.serve_tcp(factory_collecting(Recorder, handlers), "127.0.0.1", 0)
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"1")
+        assert recv_exactly(s, 1) == b"1"
+        h = handlers[0]
+        h.conn.pause_reading()
+        on_engine_thread(engine, lambda: None)       # the pause has been applied
+        s.sendall(b"2")
+        time.sleep(0.05)
+        assert bytes(h.received) == b"1"
+        h.conn.resume_reading()
+        assert recv_exactly(s, 1) == b"2"
+        assert bytes(h.received) == b"12"
+
+
+def test_when_drained_and_write_buffer_size(engine):
+    handlers: list = []
+    srv = engine.serve_tcp(factory_collecting(Recorder, handlers), "127.0.0.1", 0)
+    drained = threading.Event()
+    sizes: list = []
+    big = os.urandom(16 << 20)
+    with connect(("127.0.0.1", srv.port), rcvbuf=65536) as s:
+        s.sendall(b"x")
+        assert recv_exactly(s, 1) == b"x"
+        conn = handlers[0].conn
+
+        def queue_big():
+            conn.send(big)
+            sizes.append(conn.get_write_buffer_size())
+            conn.when_drained(drained.set)
+
+        on_engine_thread(engine, queue_big)
+        assert sizes[0] > 0
+        time.sleep(0.05)
+        assert not drained.is_set()
+        assert recv_exactly(s, len(big)) == big
+        assert drained.wait(10)
+        assert on_engine_thread(engine, conn.get_write_buffer_size) == 0
+
+
+def test_connection_info(engine):
+    handlers: list = []
+    srv = engine.serve_tcp(factory_collecting(Recorder, handlers), "127.0.0.1", 0)
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"x")
+        recv_exactly(s, 1)
+        conn = handlers[0].conn
+        assert conn.peername == s.getsockname()
+        assert conn.sockname == s.getpeername()
+        assert conn.fileno() >= 0
+        assert not conn.closed
+    assert handlers[0].lost.wait(10)
+    assert conn.closed and conn.fileno() == -1
+
+
+# ------------------------------------------------------------------ the example script
+def start_example(backend, *args):
+    env = dict(os.environ, PROACTOR_BACKEND=backend, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "examples" / "echo_server.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=str(REPO))
+    lines: queue.Queue = queue.Queue()
+
+    def reader():
+        for line in proc.stdout:
+            lines.put(line.decode(errors="replace"))
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    return proc, lines
+
+
+def wait_listening(proc, lines, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("the example did not print its address")
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            continue
+        if line is None:
+            raise AssertionError(f"the example exited: rc={proc.wait(5)}, stderr="
+                                 f"{proc.stderr.read().decode(errors='replace')}")
+        m = re.search(r"listening on (127\.0\.0\.1):(\d+)", line)
+        if m:
+            return m.group(1), int(m.group(2))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("args", [["0"], ["--workers", "2", "FREE"]],
+                         ids=["port0", "workers2"])
+def test_example_echo_server(backend, sig, args):
+    args = [str(free_port()) if a == "FREE" else a for a in args]
+    proc, lines = start_example(backend, *args)
+    try:
+        host, port = wait_listening(proc, lines)
+        if args[-1] != "0":
+            assert port == int(args[-1])
+        with connect((host, port)) as s:
+            s.sendall(b"hello example")
+            assert recv_exactly(s, 13) == b"hello example"
+            proc.send_signal(sig)
+            rc = proc.wait(10)
+            assert recv_until_eof(s) == b""
+        err = proc.stderr.read().decode(errors="replace")
+        assert rc == 0, f"exit status {rc} after {sig!r}; stderr: {err}"
+        assert "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+# ------------------------------------------------------------------ handler failures
+def test_handler_factory_raises(engine, log_errors):
+    log_errors.expect(r"handler factory raised")
+    calls = {"n": 0}
+
+    def factory():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("no handler for you")
+        return Echo()
+
+    srv = engine.serve_tcp(factory, "127.0.0.1", 0)
+    with connect(("127.0.0.1", srv.port)) as s:
+        assert recv_until_eof(s) == b""
+    echo_once(("127.0.0.1", srv.port))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_connection_lost_raises(engine, log_errors, workers):
+    log_errors.expect(r"connection_lost of .* raised")
+
+    class BadLost(Echo):
+        def connection_lost(self, conn, exc):
+            raise RuntimeError("in connection_lost")
+
+    srv = engine.serve_tcp(BadLost, "127.0.0.1", 0, workers=workers)
+    echo_once(("127.0.0.1", srv.port))
+    wait_until(lambda: log_errors.matching("connection_lost of"))
+    echo_once(("127.0.0.1", srv.port))
+    wait_until(lambda: len(log_errors.matching("connection_lost of")) == 2)
+
+
+def test_stop_lets_busy_workers_finish(make_engine):
+    engine = make_engine()
+    started = threading.Event()
+
+    class Slow(proactor.Handler):
+        def data_received(self, conn, data):
+            started.set()
+            time.sleep(0.3)
+            conn.send(b"done:" + data)
+
+    srv = engine.serve_tcp(Slow, "127.0.0.1", 0, workers=2)
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"job")
+        assert started.wait(10)
+        engine.stop(timeout=10)
+        assert recv_until_eof(s) == b"done:job"
+    assert engine.join(10)
+
+
+# ------------------------------------------------------------------ connect_tcp
+def test_connect_tcp(engine):
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        lsock.settimeout(10)
+        handlers: list = []
+        done = threading.Event()
+        op = engine.connect_tcp(factory_collecting(Recorder, handlers), "127.0.0.1",
+                                lsock.getsockname()[1], lambda op: done.set())
+        assert done.wait(10)
+        conn = op.result()
+        peer, _ = lsock.accept()
+        with peer:
+            peer.settimeout(10)
+            h = handlers[0]
+            assert h.made.is_set() and h.conn is conn
+            peer.sendall(b"echo me")
+            assert recv_exactly(peer, 7) == b"echo me"
+            conn.close()
+            assert recv_until_eof(peer) == b""
+        assert h.lost.wait(10)
+        assert h.lost_calls == [None]
+
+
+def test_connect_tcp_refused(engine):
+    from support import closed_port
+    done = threading.Event()
+    op = engine.connect_tcp(Recorder, "127.0.0.1", closed_port(), lambda op: done.set())
+    assert done.wait(10)
+    with pytest.raises(ConnectionRefusedError):
+        op.result()
