@@ -65,8 +65,20 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
-from ._common import (DATA, EOF, LOST, MADE, Handler, Op, Stats, Timers, WorkerPool,
-                      bind_tcp, handler_failed, run_handler_event)
+from ._common import (
+    DATA,
+    EOF,
+    LOST,
+    MADE,
+    Handler,
+    Op,
+    Stats,
+    Timers,
+    WorkerPool,
+    bind_tcp,
+    handler_failed,
+    run_handler_event,
+)
 from ._diagnose import OPCODES, REQUIRED
 from ._errors import EngineClosed, UringUnavailable, os_error
 

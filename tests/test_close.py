@@ -11,8 +11,18 @@ import struct
 import threading
 
 import pytest
-from support import (Echo, Recorder, connect, echo_once, factory_collecting, has_feature,
-                     on_engine_thread, recv_exactly, recv_until_eof, wait_until)
+from support import (
+    Echo,
+    Recorder,
+    connect,
+    echo_once,
+    factory_collecting,
+    has_feature,
+    on_engine_thread,
+    recv_exactly,
+    recv_until_eof,
+    wait_until,
+)
 
 import proactor
 

@@ -5,9 +5,18 @@ import random
 import socket
 
 import pytest
-from support import (Echo, Recorder, connect, factory_collecting, has_feature,
-                     ipv6_loopback_available, recv_exactly, recv_until_eof, run_echo_clients,
-                     wait_until)
+from support import (
+    Echo,
+    Recorder,
+    connect,
+    factory_collecting,
+    has_feature,
+    ipv6_loopback_available,
+    recv_exactly,
+    recv_until_eof,
+    run_echo_clients,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.linux, pytest.mark.timeout(60)]
 

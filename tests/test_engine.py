@@ -15,8 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
-from support import (Echo, Recorder, connect, echo_once, factory_collecting, free_port,
-                     has_feature, on_engine_thread, recv_exactly, recv_until_eof, wait_until)
+from support import (
+    Echo,
+    Recorder,
+    connect,
+    echo_once,
+    factory_collecting,
+    free_port,
+    has_feature,
+    on_engine_thread,
+    recv_exactly,
+    recv_until_eof,
+    wait_until,
+)
 
 import proactor
 

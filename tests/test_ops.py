@@ -11,8 +11,15 @@ import threading
 import time
 
 import pytest
-from support import (OpWaiter, closed_port, ipv6_loopback_available, on_engine_thread,
-                     recv_exactly, run_op, wait_until)
+from support import (
+    OpWaiter,
+    closed_port,
+    ipv6_loopback_available,
+    on_engine_thread,
+    recv_exactly,
+    run_op,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.linux, pytest.mark.timeout(60)]
 

@@ -7,8 +7,15 @@ import threading
 import time
 
 import pytest
-from support import (Echo, connect, factory_collecting, recv_exactly, recv_until_eof,
-                     run_echo_clients, wait_until)
+from support import (
+    Echo,
+    connect,
+    factory_collecting,
+    recv_exactly,
+    recv_until_eof,
+    run_echo_clients,
+    wait_until,
+)
 
 import proactor
 
