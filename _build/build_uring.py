@@ -45,7 +45,7 @@ struct px_stats {
     uint64_t submitted; uint64_t completed; int64_t inflight;
     uint64_t bytes_in; uint64_t bytes_out;
     int64_t bufs_out; int64_t conns; int64_t send_queued;
-    int64_t ops; uint64_t cq_overflow; uint64_t enobufs;
+    int64_t ops; uint64_t cq_overflow; uint64_t enobufs; uint64_t sqe_full;
 };
 
 struct px_ring;
@@ -173,7 +173,7 @@ struct px_stats {
     uint64_t submitted; uint64_t completed; int64_t inflight;
     uint64_t bytes_in; uint64_t bytes_out;
     int64_t bufs_out; int64_t conns; int64_t send_queued;
-    int64_t ops; uint64_t cq_overflow; uint64_t enobufs;
+    int64_t ops; uint64_t cq_overflow; uint64_t enobufs; uint64_t sqe_full;
 };
 
 /* One queued send: the bytes are copied in, so the caller's object is free at once;
@@ -183,7 +183,7 @@ struct px_chunk { struct px_chunk *next; size_t len; size_t off; char data[]; };
 enum {
     C_USED = 1, C_LISTENER = 2, C_READ = 4,     /* C_READ: recv wanted (not paused) */
     C_RECV_ARMED = 8, C_SENDING = 16, C_CLOSING = 32, C_ABORT = 64, C_EOF = 128,
-    C_ENOBUFS = 256, C_DRAIN = 512, C_CANCEL_SENT = 1024,
+    C_REARM = 256, C_DRAIN = 512, C_CANCEL_SENT = 1024,
 };
 
 struct px_conn {
@@ -255,6 +255,7 @@ static struct io_uring_sqe *px_sqe(struct px_ring *r)
         s = io_uring_get_sqe(&r->ring);
     }
     if (s) { r->st.submitted++; r->st.inflight++; }
+    else r->st.sqe_full++;
     return s;
 }
 
@@ -424,7 +425,10 @@ static void arm_recv(struct px_ring *r, int slot)
 {
     struct px_conn *c = CONN(r, slot);
     struct io_uring_sqe *s = px_sqe(r);
-    if (!s) return;
+    if (!s) {                       /* SQ full and refused: try again next turn */
+        if (!(c->flags & C_REARM)) { c->flags |= C_REARM; r->rearm[r->nrearm++] = slot; }
+        return;
+    }
     io_uring_prep_recv_multishot(s, c->fd, NULL, 0, 0);
     s->flags |= IOSQE_BUFFER_SELECT;
     s->buf_group = PX_BGID;
@@ -622,7 +626,7 @@ int px_resume_reading(struct px_ring *r, int slot, uint32_t gen)
     if (!c) return -EBADF;
     if ((c->flags & (C_READ | C_CLOSING | C_EOF | C_LISTENER))) return 0;
     c->flags |= C_READ;
-    if (!(c->flags & (C_RECV_ARMED | C_ENOBUFS))) arm_recv(r, slot);
+    if (!(c->flags & (C_RECV_ARMED | C_REARM))) arm_recv(r, slot);
     return 1;
 }
 
@@ -674,8 +678,8 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
     if (res == -ENOBUFS) {
         /* The pool ran dry; the data stays in the socket. Re-arm once buffers are back. */
         r->st.enobufs++;
-        if (!more && (c->flags & C_READ) && !(c->flags & C_ENOBUFS)) {
-            c->flags |= C_ENOBUFS;
+        if (!more && (c->flags & C_READ) && !(c->flags & C_REARM)) {
+            c->flags |= C_REARM;
             r->rearm[r->nrearm++] = slot;
         }
         return;
@@ -689,7 +693,7 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
     }
     /* A multishot recv ends after data too, or on our cancel (pause, close): arm a new
      * one if reading is still wanted, e.g. resumed while the cancel was in flight. */
-    if (!more && (c->flags & C_READ) && !(c->flags & (C_RECV_ARMED | C_ENOBUFS)))
+    if (!more && (c->flags & C_READ) && !(c->flags & (C_RECV_ARMED | C_REARM)))
         arm_recv(r, slot);
     if ((c->flags & C_CLOSING) && !more) conn_progress_close(r, slot);
 }
@@ -827,7 +831,7 @@ static void px_return_buffers(struct px_ring *r)
     for (unsigned i = 0; i < n; i++) {
         int slot = r->rearm[i];
         struct px_conn *c = CONN(r, slot);
-        c->flags &= ~C_ENOBUFS;
+        c->flags &= ~C_REARM;
         if ((c->flags & C_READ) && !(c->flags & C_RECV_ARMED)) arm_recv(r, slot);
     }
 }
@@ -868,9 +872,12 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
     unsigned head, seen = 0;
     io_uring_for_each_cqe(&r->ring, head, cqe) {
         if (px_handle(r, cqe) < 0) break;
+        /* Seen at once, not at the end of the batch: the CQ then has room for what
+         * the kernel kept back on overflow, so a submission made by a later CQE's
+         * handling is not refused with EBUSY. */
+        io_uring_cq_advance(&r->ring, 1);
         seen++;
     }
-    io_uring_cq_advance(&r->ring, seen);
     r->nev_taken = r->nev;
     r->ndead_seen = r->ndead;
     return r->nev;
