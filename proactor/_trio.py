@@ -35,7 +35,9 @@ Connections
   non-blocking ``send`` itself, and only what the kernel did not take is queued; the
   writer waits for writability and drains the queue in order (gathered into one
   ``sendmsg`` where the platform has it). Order holds because nothing is sent directly
-  while anything is queued.
+  while anything is queued. An error of such a direct ``send`` is reported as a
+  completion would be, on a later turn: the handler calling ``send()`` does not see
+  its connection close under it mid-call; later data is dropped until the abort.
 * **Close and abort map onto cancel scopes.** Each reader runs in the connection's
   read scope, each writer in its write scope. ``close()`` cancels the read scope (stop
   reading now) and lets the writer drain the queue; ``abort()`` drops the queue and
@@ -95,8 +97,21 @@ from typing import Any, Callable, Iterable, Optional
 
 import trio
 
-from ._common import (DATA, EOF, LOST, MADE, Handler, Op, Stats, TimerHandle, Timers,
-                      WorkerPool, bind_tcp, handler_failed, run_handler_event)
+from ._common import (
+    DATA,
+    EOF,
+    LOST,
+    MADE,
+    Handler,
+    Op,
+    Stats,
+    TimerHandle,
+    Timers,
+    WorkerPool,
+    bind_tcp,
+    handler_failed,
+    run_handler_event,
+)
 from ._errors import EngineClosed, os_error
 
 logger = logging.getLogger("proactor")
@@ -200,7 +215,14 @@ class TrioConnection:
             except BlockingIOError:
                 n = 0
             except OSError as e:
-                self._fail(os_error(e.errno or errno.EIO, "send"))
+                # Reported like a completion on a later turn: the handler that is
+                # sending now must not see the connection close under it (its next
+                # send() would raise). Until then further data is dropped.
+                if self._fail_exc is None:
+                    self._fail_exc = os_error(e.errno or errno.EIO, "send")
+                self._aborted = True
+                eng._ready.append((self.abort, ()))
+                eng._wake_sched()
                 return
             eng._ncompleted += 1
             eng._bytes_out += n
@@ -277,7 +299,7 @@ class TrioConnection:
         self._closing = True
         eng = self._engine
         self._rscope.cancel()                 # stop reading
-        if abort and not self._aborted:
+        if abort:
             self._aborted = True
             self._drop_queue()
             if self._wscope is not None:
@@ -1130,7 +1152,7 @@ class TrioEngine:
                         n = await self._in_thread(self._file_readinto, fd, mv, offset)
                         break
                     try:
-                        n = os.readv(fd, [mv])
+                        n = _readinto(fd, mv)
                         break
                     except BlockingIOError:
                         continue
@@ -1167,7 +1189,7 @@ class TrioEngine:
                 if not await self._wait_or_thread(fd, True):
                     return await self._in_thread(self._file_writev, fd, views, offset)
                 try:
-                    return _nonblocking(fd, os.writev, fd, views)
+                    return _nonblocking(fd, _writev, fd, views)
                 except BlockingIOError:
                     continue
         finally:
@@ -1208,8 +1230,8 @@ class TrioEngine:
     def _file_writev(self, fd: int, views: list, offset: int) -> int:
         if offset >= 0 and hasattr(os, "pwritev"):
             return os.pwritev(fd, views, offset)
-        if offset < 0 and hasattr(os, "writev"):
-            return os.writev(fd, views)
+        if offset < 0:
+            return _writev(fd, views)
         return self._file_write(fd, b"".join(views), offset)
 
     def _fd_lock(self, fd: int) -> threading.Lock:
@@ -1391,23 +1413,30 @@ class TrioEngine:
         return self._launch(op, fd, self._do_poll, (fd, mask), timeout)
 
     async def _do_poll(self, fd: int, mask: int) -> int:
-        want_r = bool(mask & ~(select.POLLOUT | getattr(select, "POLLWRNORM", 0)))
-        want_w = bool(mask & (select.POLLOUT | getattr(select, "POLLWRNORM", 0)))
-        while True:
-            p = select.poll()
-            p.register(fd, mask)
-            ev = p.poll(0)
-            if ev:
-                return ev[0][1]
-            if want_r and want_w:
-                async with trio.open_nursery() as n:
-                    async def one(writable: bool) -> None:
-                        await self._wait(fd, writable)
-                        n.cancel_scope.cancel()
-                    n.start_soon(one, False)
-                    n.start_soon(one, True)
-            else:
-                await self._wait(fd, want_w)
+        wmask = select.POLLOUT | getattr(select, "POLLWRNORM", 0)
+        want_r = bool(mask & ~wmask)
+        want_w = bool(mask & wmask)
+        p = select.poll()
+        p.register(fd, mask)
+        ev = p.poll(0)
+        if ev:
+            return ev[0][1]
+        fired = [0]
+        if want_r and want_w:
+            async with trio.open_nursery() as n:
+                async def one(writable: bool) -> None:
+                    await self._wait(fd, writable)
+                    fired[0] |= (mask & wmask) if writable else (mask & ~wmask)
+                    n.cancel_scope.cancel()
+                n.start_soon(one, False)
+                n.start_soon(one, True)
+        else:
+            await self._wait(fd, want_w)
+            fired[0] = mask & (wmask if want_w else ~wmask)
+        # The readiness seen is the result, even if another op (a read sharing this
+        # wakeup) consumed it meanwhile - as io_uring reports its wakeup's mask.
+        ev = p.poll(0)
+        return (ev[0][1] if ev else 0) | fired[0]
 
     def nop(self, callback: Callable[[Op], Any]) -> Op:
         """An op that does nothing; result: 0 (its callback comes on a later turn)."""
@@ -1627,6 +1656,12 @@ def _readinto(fd: int, mv: memoryview) -> int:
     data = os.read(fd, len(mv))
     mv[:len(data)] = data
     return len(data)
+
+
+def _writev(fd: int, views: list) -> int:
+    if hasattr(os, "writev"):
+        return os.writev(fd, views)
+    return os.write(fd, b"".join(views))
 
 
 def _open(path: Any, flags: int, mode: int, dir_fd: Optional[int]) -> int:
