@@ -428,10 +428,17 @@ class UringEngine:
         return self._stopped.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """:meth:`stop` and :meth:`join`; a never-run engine just releases its pipe."""
+        """:meth:`stop` and :meth:`join`; a never-run engine closes what it opened."""
         if not self._ran:
             self._ran = True
             self._closed = True
+            for srv in self._servers:       # bound but never handed to a ring
+                for fd in srv._fds:
+                    os.close(fd)
+                srv._fds = []
+            for p in self._pools:
+                p.shutdown(timeout)
+            self._cmds.clear()
             self._release()
             self._stopped.set()
             return
@@ -787,37 +794,41 @@ class UringEngine:
         thread). The returned op's result is the connection; the handler's
         ``connection_made`` runs before ``callback``."""
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sa = _sockaddr(addr, family)
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         fd = s.detach()
-        result = Op(self, "connect", callback, None, None)
+        registered = False          # from then on the connection owns (and closes) fd
 
-        def connected(op: Op) -> None:
-            exc = op.exception()
-            if exc is not None:
-                os.close(fd)
-                result._resolve(None, exc)
-                return
+        def connected(res: int) -> UringConnection:
+            nonlocal registered
             r = self._r
             slot = lib.px_conn_new(r, fd, 1)
             if slot < 0:
-                os.close(fd)
-                result._resolve(None, os_error(slot, "connect"))
-                return
+                raise os_error(slot, "connect")
+            registered = True
             c = UringConnection(self, slot, lib.px_conn_gen(r, slot), fd, None, None)
             self._set_conn(slot, c)
-            h = handler_factory()
+            try:
+                h = handler_factory()
+            except BaseException as e:
+                c._handler = Handler()
+                c._fail(e)
+                raise
             c._handler = h
             c._data_received = h.data_received
             run_handler_event(c, MADE, None)
-            result._resolve(c, None)
+            return c
 
-        try:
-            self.connect(fd, addr, connected, family=family, timeout=timeout)
-        except BaseException:
-            os.close(fd)
-            raise
-        return result
+        def finished(op: Op) -> None:
+            if not registered:
+                os.close(fd)
+            if callback is not None:
+                callback(op)
+
+        # The op itself is the connect: op.cancel() and timeout= act on it directly.
+        op = Op(self, "connect", finished, sa, connected)
+        return self._submit(op, lib.px_op_connect, fd, sa, len(sa), self._tmo(timeout))
 
     # ------------------------------------------------------------------ low-level ops
     def _submit(self, op: Op, prep: Callable[..., int], *args: Any) -> Op:
