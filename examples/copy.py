@@ -1,6 +1,6 @@
 """Copy a file through io_uring, with QUEUE_DEPTH blocks in flight in registered buffers.
 
-usage: python examples/copy.py SRC DST [--queue-depth N] [--block-size B] [--backend uring]
+usage: python examples/copy.py SRC DST [--queue-depth N] [--block-size B] [--backend B]
 
 Each of the N registered buffers carries one block at a time: ``read_fixed`` the block
 into buffer i, then ``write_fixed`` the bytes read from buffer i at the same offset in DST,
@@ -327,7 +327,8 @@ def main(argv: Optional[list] = None) -> int:
                    help=f"blocks in flight (default {DEFAULT_QUEUE_DEPTH})")
     p.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_SIZE,
                    help=f"bytes per block, e.g. 128k (default {DEFAULT_BLOCK_SIZE})")
-    p.add_argument("--backend", default=None, help="engine backend (default: uring)")
+    p.add_argument("--backend", default=None, choices=["auto", "uring", "trio"],
+                   help="engine backend (default: $PROACTOR_BACKEND or auto)")
     a = p.parse_args(argv)
     if not 1 <= a.queue_depth <= MAX_QUEUE_DEPTH:
         p.error(f"--queue-depth must be in 1..{MAX_QUEUE_DEPTH}")

@@ -19,27 +19,31 @@ from typing import Any
 
 from ._common import Handler, Op, Stats, TimerHandle, WorkerPool
 from ._errors import EngineClosed, ProactorError, UringUnavailable, os_error
+from ._select import Choice
+from ._select import choose as choose_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Engine", "Handler", "Op", "Stats", "TimerHandle", "WorkerPool",
+    "Engine", "choose_backend", "Choice", "Handler", "Op", "Stats", "TimerHandle", "WorkerPool",
     "EngineClosed", "ProactorError", "UringUnavailable", "os_error",
 ]
 
 
 def Engine(*, backend: str | None = None, **options: Any) -> Any:
-    """Make an engine. ``backend``: ``"uring"`` (the default; the only one so far).
+    """Make an engine on the backend :func:`choose_backend` picks.
 
-    Options of the io_uring engine: ``entries``, ``cq_entries``, ``buffers``,
-    ``buffer_size`` (see :class:`proactor._io_uring.UringEngine`). Raises
-    :class:`UringUnavailable` with the reason when io_uring cannot be used here.
+    ``backend``: ``"auto"`` (default: io_uring where it works, else trio), ``"uring"`` or
+    ``"trio"``; ``$PROACTOR_BACKEND`` sets the default. Asking for ``"uring"`` where it
+    cannot run raises :class:`UringUnavailable` with the reason. Options of the io_uring
+    engine: ``entries``, ``cq_entries``, ``buffers``, ``buffer_size`` (the trio engine
+    accepts them; it uses ``buffer_size`` as its read size).
     """
-    import os
+    choice = choose_backend(backend)
+    if choice.backend == "uring":
+        from ._io_uring import UringEngine
 
-    backend = backend or os.environ.get("PROACTOR_BACKEND") or "uring"
-    if backend not in ("uring", "io_uring"):
-        raise ValueError(f"unknown backend {backend!r} (available: 'uring')")
-    from ._io_uring import UringEngine
+        return UringEngine(**options)
+    from ._trio import TrioEngine
 
-    return UringEngine(**options)
+    return TrioEngine(**options)

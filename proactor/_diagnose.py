@@ -560,14 +560,18 @@ def _extension_status() -> tuple[str, str]:
 
 
 def _will_use(support: UringSupport, extension: tuple[str, str]) -> str:
-    if not support.available:
-        return f"trio ({support.reason})"
-    status, detail = extension
-    if status == "missing":
-        return "trio (extension proactor._uring_cffi not built)"
-    if status != "built":
-        return f"trio (extension proactor._uring_cffi failed to import: {detail})"
-    return "io_uring"
+    """What ``proactor.Engine()`` picks, by the rule in ``proactor._select``."""
+    requested = os.environ.get("PROACTOR_BACKEND", "").strip().lower()
+    if requested == "trio":
+        return "trio (PROACTOR_BACKEND=trio)"
+    from ._select import uring_problem
+
+    problem = uring_problem(support, extension)
+    if requested in ("uring", "io_uring"):
+        if problem:
+            return f"nothing: PROACTOR_BACKEND={requested} but io_uring cannot run ({problem})"
+        return "io_uring (PROACTOR_BACKEND=uring)"
+    return f"trio ({problem})" if problem else "io_uring"
 
 
 def _yes(flag: bool) -> str:

@@ -26,7 +26,7 @@ from support import describe_fds, open_fds, wait_until
 import proactor
 
 #: Every backend the behavioural tests run on.
-BACKENDS = ["uring"]
+BACKENDS = ["uring", "trio"]
 
 _unavailable: dict[str, Optional[str]] = {}
 

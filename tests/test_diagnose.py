@@ -328,10 +328,21 @@ def test_dataclass_is_frozen_and_json_friendly(sysctl) -> None:
     assert d["available"] is False
 
 
+def ok_register(fd: int, opcode: int, arg_address: int, nr_args: int) -> int:
+    return 0
+
+
 def test_report_will_use_io_uring_when_all_good(sysctl, monkeypatch) -> None:
     monkeypatch.setattr(_diagnose, "_extension_status", lambda: ("built", ""))
+    monkeypatch.delenv("PROACTOR_BACKEND", raising=False)
+    support = _diagnose.probe(devnull_setup, register=ok_register, read_opcodes=all_but(),
+                              disabled_path=sysctl(0))
+    assert support.buf_ring
+    assert _diagnose.report(support).splitlines()[-1] == "will use: io_uring"
+    # without provided-buffer rings the engine cannot run: trio, and why
     text = _diagnose.report(_fake_support(sysctl))
-    assert text.splitlines()[-1] == "will use: io_uring"
+    assert text.splitlines()[-1] == ("will use: trio (the kernel has no provided-buffer rings "
+                                     "(IORING_REGISTER_PBUF_RING, Linux 5.19))")
     assert "extension:" in text and "built" in text
     for name in _diagnose.REQUIRED:
         assert re.search(rf"^\s+{name}:\s+yes$", text, flags=re.M), name
