@@ -69,7 +69,6 @@ class FileCopy:
         self.queue_depth = queue_depth
         self.block_size = block_size
         self._done_cb = done_callback
-        self._soon = engine.call_soon
         self.src_fd = -1
         self.dst_fd = -1
         self.size = 0                 # SRC's size when opened: what we copy
@@ -111,8 +110,7 @@ class FileCopy:
         self.size = self.end = st.st_size
         self._src_stat = st
         # No O_TRUNC yet: if DST is SRC (or a link to it), truncating would destroy it.
-        self._soon(self.engine.openat, self.dst, os.O_WRONLY | os.O_CREAT, 0o666,
-                   self._dst_opened)
+        self.engine.openat(self.dst, os.O_WRONLY | os.O_CREAT, 0o666, self._dst_opened)
 
     def _dst_opened(self, op: Any) -> None:
         try:
@@ -156,14 +154,6 @@ class FileCopy:
             self._finish(self.error)
 
     # ------------------------------------------------------------------ the blocks
-    #
-    # Submissions never happen inside a completion callback: they are deferred with
-    # call_soon to the next loop turn. Workaround for an engine bug (0.1.0): the C layer
-    # frees an op's index when it reaps the CQE, so an op submitted from a callback can
-    # take the index of a completion still waiting later in the same batch; that
-    # completion is then delivered to the new op and the old op's callback never runs
-    # (a hang, or a write reported done before it happened). Deferring costs one deque
-    # append/pop per op.
 
     def _start_block(self, i: int) -> bool:
         """Give slot ``i`` the next block; False when there is none left."""
@@ -177,7 +167,7 @@ class FileCopy:
         s[1] = length
         s[2] = s[3] = 0
         self._active += 1
-        self._soon(self._read, i)
+        self._read(i)
         return True
 
     def _read(self, i: int) -> None:
@@ -196,7 +186,6 @@ class FileCopy:
 
     def _make_read_cb(self, i: int) -> Callable[[Any], None]:
         s = self._slots[i]
-        soon = self._soon
         read = self._read
         write = self._write
 
@@ -218,14 +207,13 @@ class FileCopy:
             else:
                 s[2] += n
                 if s[2] < s[1]:                 # short read: read the rest
-                    return soon(read, i)
-            soon(write, i)
+                    return read(i)
+            write(i)
 
         return on_read
 
     def _make_write_cb(self, i: int) -> Callable[[Any], None]:
         s = self._slots[i]
-        soon = self._soon
         write = self._write
 
         def on_write(op: Any) -> None:
@@ -240,7 +228,7 @@ class FileCopy:
             if s[3] < s[2]:                     # short write: write the rest
                 if self.error is not None:
                     return self._slot_idle()
-                return soon(write, i)
+                return write(i)
             self.copied += s[3]
             self._active -= 1
             if not self._start_block(i) and self._active == 0:
