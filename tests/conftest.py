@@ -10,20 +10,40 @@
 
       @pytest.mark.parametrize("engine", [{"buffers": 8}], indirect=True)
 
+* ``sysctl(value)``: writes a fake ``kernel.io_uring_disabled`` file, returns its path
+  (for ``proactor._diagnose.probe(disabled_path=...)``).
+* ``PROACTOR_TEST_HIDE_EXTENSION=1`` in the environment hides ``proactor._uring_cffi``
+  (as on a system where it is not built): the uring cases skip, the rest run on trio.
 * ``log_errors``: ERROR records of the ``proactor`` logger fail the test unless declared
   with ``log_errors.expect(regex)`` (an expected error must then actually be logged).
 """
 from __future__ import annotations
 
-import logging
-import re
-import threading
-from typing import Any, Callable, Optional
+import os
+import sys
 
-import pytest
-from support import describe_fds, open_fds, wait_until
+# PROACTOR_TEST_HIDE_EXTENSION=1: run as on a system without the compiled extension (not
+# Linux, or not built). It must be hidden before anything imports proactor: with None in
+# sys.modules, `import proactor._uring_cffi` raises ImportError. The uring cases then skip
+# (Engine(backend="uring") raises UringUnavailable) and every behavioural test runs on trio.
+HIDE_EXTENSION_ENV = "PROACTOR_TEST_HIDE_EXTENSION"
+EXTENSION_MODULE = "proactor._uring_cffi"
+if os.environ.get(HIDE_EXTENSION_ENV) == "1":
+    if sys.modules.get(EXTENSION_MODULE) is not None:
+        raise RuntimeError(f"{HIDE_EXTENSION_ENV}=1: {EXTENSION_MODULE} was imported before "
+                           "tests/conftest.py; it cannot be hidden any more")
+    sys.modules[EXTENSION_MODULE] = None  # type: ignore[assignment]
 
-import proactor
+import logging  # noqa: E402
+import re  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Optional  # noqa: E402
+
+import pytest  # noqa: E402
+from support import describe_fds, open_fds, wait_until  # noqa: E402
+
+import proactor  # noqa: E402
 
 #: Every backend the behavioural tests run on.
 BACKENDS = ["uring", "trio"]
@@ -56,6 +76,18 @@ def backend(request: pytest.FixtureRequest) -> str:
     if reason:
         pytest.skip(reason)
     return request.param
+
+
+@pytest.fixture
+def sysctl(tmp_path: Path) -> Callable[[int], Path]:
+    """Write a fake kernel.io_uring_disabled file; returns its path."""
+
+    def write(value: int) -> Path:
+        path = tmp_path / "io_uring_disabled"
+        path.write_text(f"{value}\n")
+        return path
+
+    return write
 
 
 # ---------------------------------------------------------------------------- error log

@@ -2,9 +2,12 @@
 
 Everything here is plain blocking/non-blocking ``socket`` code on loopback addresses:
 the engine under test runs on its own thread, the test thread is an ordinary client.
+At the end: stand-ins for the raw syscalls of :func:`proactor._diagnose.probe`.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import selectors
 import socket
@@ -13,6 +16,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 import proactor
+from proactor import _diagnose
 
 #: Default per-socket timeout of the test clients (seconds).
 CLIENT_TIMEOUT = 20.0
@@ -333,3 +337,41 @@ def fill_pipe(wfd: int) -> int:
         except BlockingIOError:
             return total
 
+
+
+# ---------------------------------------------------------------------------- probe stand-ins
+# Injected into proactor._diagnose.probe() to simulate kernels and policies (any OS).
+
+def failing_setup(err: int) -> Callable[[int, int], int]:
+    """An io_uring_setup that fails with ``err`` (EPERM, ENOSYS, ...)."""
+    def setup(entries: int, params_address: int) -> int:
+        ctypes.set_errno(err)
+        return -1
+
+    return setup
+
+
+def devnull_setup(entries: int, params_address: int) -> int:
+    """Pretend io_uring_setup succeeded: hand out a real fd for probe() to close."""
+    return os.open(os.devnull, os.O_RDONLY)
+
+
+def einval_register(fd: int, opcode: int, arg_address: int, nr_args: int) -> int:
+    """An io_uring_register the kernel does not know (no provided-buffer rings)."""
+    ctypes.set_errno(errno.EINVAL)
+    return -1
+
+
+def ok_register(fd: int, opcode: int, arg_address: int, nr_args: int) -> int:
+    """An io_uring_register that accepts everything (provided-buffer rings work)."""
+    return 0
+
+
+def all_but(*names: str) -> Callable[[int], set[int]]:
+    """A ``read_opcodes`` listing every opcode of proactor._diagnose.OPCODES but ``names``."""
+    numbers = {num for name, num in _diagnose.OPCODES.items() if name not in names}
+
+    def read_opcodes(fd: int) -> set[int]:
+        return numbers
+
+    return read_opcodes

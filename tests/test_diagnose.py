@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import all_but, devnull_setup, einval_register, failing_setup, ok_register
 
 from proactor import _diagnose
 
@@ -34,45 +35,6 @@ def _io_uring_usable_here() -> str | None:
 needs_io_uring = pytest.mark.skipif(
     _io_uring_usable_here() is not None, reason=str(_io_uring_usable_here())
 )
-
-
-def failing_setup(err: int):
-    def setup(entries: int, params_address: int) -> int:
-        ctypes.set_errno(err)
-        return -1
-
-    return setup
-
-
-def devnull_setup(entries: int, params_address: int) -> int:
-    """Pretend io_uring_setup succeeded: hand out a real fd for probe() to close."""
-    return os.open(os.devnull, os.O_RDONLY)
-
-
-def einval_register(fd: int, opcode: int, arg_address: int, nr_args: int) -> int:
-    ctypes.set_errno(errno.EINVAL)
-    return -1
-
-
-def all_but(*names: str):
-    numbers = {num for name, num in _diagnose.OPCODES.items() if name not in names}
-
-    def read_opcodes(fd: int) -> set[int]:
-        return numbers
-
-    return read_opcodes
-
-
-@pytest.fixture
-def sysctl(tmp_path: Path):
-    """Write a fake kernel.io_uring_disabled file; returns its path."""
-
-    def write(value: int) -> Path:
-        path = tmp_path / "io_uring_disabled"
-        path.write_text(f"{value}\n")
-        return path
-
-    return write
 
 
 def _open_fds() -> int | None:
@@ -326,10 +288,6 @@ def test_dataclass_is_frozen_and_json_friendly(sysctl) -> None:
     d = json.loads(json.dumps(support.as_dict()))
     assert d["missing"] == ["RECV"]
     assert d["available"] is False
-
-
-def ok_register(fd: int, opcode: int, arg_address: int, nr_args: int) -> int:
-    return 0
 
 
 def test_report_will_use_io_uring_when_all_good(sysctl, monkeypatch) -> None:

@@ -1,7 +1,8 @@
 """Smoke tests of the trio backend, driving :class:`proactor._trio.TrioEngine` directly.
 
-Self-contained on purpose (own fixture and helpers): the shared fixtures select engines
-through ``proactor.Engine``, which does not offer the trio backend yet. Every test ends
+The shared behavioural suite runs on trio too (the ``backend`` fixture); these tests are
+self-contained (own fixture and helpers) and reach ``TrioEngine`` without going through
+the backend choice, plus the portable fallbacks (no ``pread``, no ``MSG_DONTWAIT``). Every test ends
 with the engine back at its idle baseline, stopped, no fd left open and no unexpected
 ERROR logged.
 """
