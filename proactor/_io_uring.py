@@ -84,8 +84,9 @@ from ._errors import EngineClosed, UringUnavailable, os_error
 
 try:
     from ._uring_cffi import ffi, lib
+    _px_send = lib.px_send          # the hottest call, bound once
 except ImportError:  # pragma: no cover - not Linux, or not built
-    ffi = lib = None
+    ffi = lib = _px_send = None
 
 logger = logging.getLogger("proactor")
 
@@ -134,12 +135,13 @@ class UringConnection:
 
     __slots__ = ("_engine", "_r", "_slot", "_gen", "_fd", "_handler", "_data_received",
                  "_wpool", "_wq", "_wsched", "_closing", "_closed", "_fail_exc",
-                 "_user_paused", "_drain_cbs", "_bidx", "server", "__weakref__")
+                 "_user_paused", "_drain_cbs", "_bidx", "_tid", "server", "__weakref__")
 
     def __init__(self, engine: UringEngine, slot: int, gen: int, fd: int,
                  server: Optional[UringServer], pool: Optional[WorkerPool]) -> None:
         self._engine = engine
         self._r = engine._r
+        self._tid = engine._thread_id     # the engine's thread: sends go straight in
         self._slot = slot
         self._gen = gen
         self._fd = fd
@@ -167,8 +169,8 @@ class UringConnection:
             raise os_error(errno.EPIPE, "send")
         if type(data) is not bytes:
             data = bytes(data)
-        if _get_ident() == self._engine._thread_id:
-            lib.px_send(self._r, self._slot, self._gen, data, len(data))
+        if _get_ident() == self._tid:
+            _px_send(self._r, self._slot, self._gen, data, len(data))
         else:
             self._engine._post(self._send_now, data)
 
