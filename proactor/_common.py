@@ -1,13 +1,22 @@
-"""What every backend shares: the handler API, operations, timers, the worker pool, stats.
+"""What every backend shares: the handler API, operations, timers, the worker pool, stats,
+and the base classes of the engines, connections and servers.
 
-A backend (``_io_uring.py`` now, trio next) runs one I/O thread and turns finished
+A backend (``_io_uring.py``, ``_trio.py``) runs one I/O thread and turns finished
 operations into calls on a :class:`Handler`. Whether those calls run on the I/O thread
 (``workers=0``) or on a :class:`WorkerPool` (half-sync/half-async) is decided here, the
 same way for every backend.
+
+:class:`BaseEngine`, :class:`BaseConnection` and :class:`BaseServer` hold what the
+backends do alike: the engine's life (``start``/``stop``/``join``/``close``), the calls
+posted from other threads and the ``call_soon``/``call_at`` timers, worker-pool
+backpressure, ``serve_tcp``'s checks, the connection's flags, close and drain
+bookkeeping. A backend subclasses them and supplies the I/O through the hook methods
+marked "Backend:" (each one line of docstring saying what it must do).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import heapq
 import logging
 import socket
@@ -15,13 +24,16 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
-from ._errors import os_error
+from ._errors import EngineClosed, os_error
 
 logger = logging.getLogger("proactor")
 
-__all__ = ["Handler", "Stats", "Op", "TimerHandle", "WorkerPool", "bind_tcp"]
+__all__ = ["Handler", "Stats", "Op", "TimerHandle", "WorkerPool", "bind_tcp",
+           "BaseEngine", "BaseConnection", "BaseServer"]
+
+_get_ident = threading.get_ident
 
 
 class Handler:
@@ -356,3 +368,535 @@ def bind_tcp(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> 
             s.close()
         raise
     return socks
+
+
+def run_calls(calls: deque, n: int) -> None:
+    """Run the first ``n`` ``(fn, args)`` of ``calls``; one that raises is logged."""
+    pop = calls.popleft
+    for _ in range(n):
+        fn, args = pop()
+        try:
+            fn(*args)
+        except Exception:
+            logger.exception("call of %r raised", fn)
+
+
+class BaseConnection:
+    """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
+    called from any thread; everything else from the handler (or the engine's thread).
+
+    The state and bookkeeping every backend keeps alike; a backend adds its own slots
+    and the methods marked "Backend:"."""
+
+    __slots__ = ("_engine", "_fd", "_handler", "_data_received", "_wpool", "_wq", "_wsched",
+                 "_closing", "_closed", "_fail_exc", "_user_paused", "_drain_cbs", "_bidx",
+                 "server", "__weakref__")
+
+    def __init__(self, engine: Any, fd: int, server: Any, pool: Optional[WorkerPool]) -> None:
+        self._engine = engine
+        self._fd = fd
+        self._handler: Any = None
+        self._data_received: Any = None
+        self._wpool = pool
+        self._wq: list = []              # the worker pool's queue of this connection
+        self._wsched = False             # on the pool's ready queue
+        self._closing = False
+        self._closed = False
+        self._fail_exc: Optional[BaseException] = None
+        self._user_paused = False
+        self._drain_cbs: Optional[list] = None
+        self._bidx = 0                   # index of its last DATA event in the pool's batch
+        self.server = server
+
+    def _make_handler(self, factory: Callable[[], Handler]) -> bool:
+        """Give the connection ``factory()``'s handler. If the factory raises: log it, keep
+        the exception for ``connection_lost``, mark the connection closing, return False
+        (the backend then closes it)."""
+        try:
+            h = factory()
+        except Exception as e:
+            logger.exception("handler factory raised; closing the new connection")
+            self._fail_exc = e
+            self._handler = Handler()
+            self._closing = True
+            return False
+        self._handler = h
+        self._data_received = h.data_received
+        return True
+
+    # -- sending
+    def send(self, data: Any) -> None:
+        """Queue ``data`` (bytes-like, copied) to be sent after what was queued before.
+
+        Raises ``BrokenPipeError`` once the connection is closing or closed. Bytes that
+        cannot be delivered because the connection fails later are reported through
+        ``connection_lost(conn, exc)``."""
+        if self._closing:
+            raise os_error(errno.EPIPE, "send")
+        if type(data) is not bytes:
+            data = bytes(data)
+        if _get_ident() == self._engine._thread_id:
+            self._send_now(data)
+        else:
+            self._engine._post(self._send_now, data)
+
+    def writelines(self, chunks: Iterable[Any]) -> None:
+        """Queue several chunks; queued chunks go out gathered into one ``sendmsg``."""
+        for c in chunks:
+            self.send(c)
+
+    def _send_now(self, data: bytes) -> None:
+        """Backend: queue ``data`` to go out after what was queued before (engine's thread)."""
+        raise NotImplementedError
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued and not yet sent (from any thread: a snapshot)."""
+        if self._closed:
+            return 0
+        return self._queued_size()
+
+    def _queued_size(self) -> int:
+        """Backend: bytes queued and not yet sent on this open connection (any thread)."""
+        raise NotImplementedError
+
+    def when_drained(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback()`` on the engine's thread once everything queued is sent."""
+        self._engine._in_loop(self._when_drained, callback)
+
+    def _when_drained(self, callback: Callable[[], Any]) -> None:
+        if self._closed or not self._want_drain():
+            self._engine.call_soon(callback)
+            return
+        if self._drain_cbs is None:
+            self._drain_cbs = []
+        self._drain_cbs.append(callback)
+
+    def _want_drain(self) -> bool:
+        """Backend: True if data is still queued; then call ``_on_drained()`` once it is sent."""
+        raise NotImplementedError
+
+    def _on_drained(self) -> None:
+        cbs, self._drain_cbs = self._drain_cbs, None
+        for cb in cbs or ():
+            self._engine.call_soon(cb)
+
+    # -- reading
+    def pause_reading(self) -> None:
+        """Stop receiving (the kernel keeps the data in the socket)."""
+        self._user_paused = True
+        self._engine._in_loop(self._set_reading, False)
+
+    def resume_reading(self) -> None:
+        self._user_paused = False
+        self._engine._in_loop(self._set_reading, True)
+
+    def _set_reading(self, on: bool) -> None:
+        """Backend: stop (``on`` false) or restart reading for the user (engine's thread)."""
+        raise NotImplementedError
+
+    def _pause_for_pool(self) -> bool:
+        """Backend: stop reading for pool backpressure; True if the pool must resume it later."""
+        raise NotImplementedError
+
+    def _resume_for_pool(self) -> None:
+        """Backend: end the pause of ``_pause_for_pool`` (engine's thread)."""
+        raise NotImplementedError
+
+    # -- closing
+    def close(self) -> None:
+        """Close after the queued data has been sent. ``connection_lost`` follows."""
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        self._engine._in_loop(self._close_now, False)
+
+    def abort(self) -> None:
+        """Close now: unsent data is dropped, in-flight requests are cancelled."""
+        self._closing = True
+        self._engine._in_loop(self._close_now, True)
+
+    def _close_now(self, abort: bool) -> None:
+        """Backend: stop reading and close, after the queued data unless ``abort`` (engine's
+        thread); ``connection_lost`` follows once everything in flight has ended."""
+        raise NotImplementedError
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._fail_exc is None:
+            self._fail_exc = exc
+        self.abort()
+
+    # -- information
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return -1 if self._closed else self._fd
+
+    def _sockinfo(self, name: str) -> Any:
+        if self._closed:
+            raise os_error(errno.EBADF, name)
+        return self._sock_call(name)
+
+    def _sock_call(self, name: str) -> Any:
+        """Backend: the result of the socket method ``name`` (``getpeername``...) on the fd."""
+        raise NotImplementedError
+
+    @property
+    def peername(self) -> Any:
+        return self._sockinfo("getpeername")
+
+    @property
+    def sockname(self) -> Any:
+        return self._sockinfo("getsockname")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "closing" if self._closing else "open"
+        return f"<{type(self).__name__} fd={self._fd} {state}>"
+
+
+class BaseServer:
+    """Listening sockets of one ``serve_tcp`` call."""
+
+    def __init__(self, engine: Any, socks: list, factory: Callable[[], Handler],
+                 pool: Optional[WorkerPool]) -> None:
+        self._engine = engine
+        self._factory = factory
+        self.pool = pool
+        self.addresses = [s.getsockname() for s in socks]
+        self._closing = False
+        self._open_listeners = 0             # listening sockets not closed yet
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    def _start(self) -> None:
+        """Backend: start accepting on the sockets (engine's thread, once it runs)."""
+        raise NotImplementedError
+
+    def _close_socks(self) -> None:
+        """Backend: close the sockets that were never handed to the running engine."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop accepting; connections already accepted carry on."""
+        if not self._closing:
+            self._closing = True
+            self._engine._in_loop(self._close_now)
+
+    def _close_now(self) -> None:
+        """Backend: stop accepting and close the listening sockets (engine's thread)."""
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._closing and self._open_listeners == 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.addresses}>"
+
+
+_Engine = TypeVar("_Engine", bound="BaseEngine")
+
+
+class BaseEngine:
+    """What every engine does alike: its life, calls from other threads, timers, worker-pool
+    backpressure, ``serve_tcp``. A backend sets ``backend``, ``_server_class`` and
+    ``_cmds_per_turn``, has a ``_shutting`` that is true once the shutdown has begun, and
+    provides ``run()``, ``_begin_shutdown(timeout)`` and the methods marked "Backend:"."""
+
+    backend: str
+    #: The server class ``serve_tcp`` makes.
+    _server_class: Any = BaseServer
+    #: At most this many calls posted from other threads run per loop turn.
+    _cmds_per_turn: int
+
+    def __init__(self) -> None:
+        self._thread_id: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
+        self._cmds: deque = deque()          # (fn, args) posted from other threads
+        self._wake_pending = False           # the engine's thread was woken for _cmds
+        self._ready: deque = deque()         # call_soon on the engine's thread
+        self._timers = Timers()
+        self._servers: list = []
+        self._pools: list[WorkerPool] = []
+        self._ops: dict = {}                 # low-level ops in flight by index (Op, _OpRec)
+        self._registered: list = []          # (buffer, view) of register_buffers
+        self._fixed_lens: list[int] = []     # their sizes
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._start_exc: Optional[BaseException] = None
+        self._closed = False
+        self._ran = False
+
+    # ------------------------------------------------------------------ running
+    def start(self: _Engine) -> _Engine:
+        """Run the loop on a new thread; returns once it runs (io_uring: the ring is set up)."""
+        t = threading.Thread(target=self._run_thread, name="proactor-io", daemon=True)
+        self._thread = t
+        t.start()
+        self._started.wait()
+        if self._start_exc is not None:
+            raise self._start_exc
+        return self
+
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Run the loop in this thread until :meth:`stop` (or SIGINT/SIGTERM when
+        ``handle_signals`` and this is the main thread) has shut everything down."""
+        if self._ran:
+            raise RuntimeError("an engine runs once")
+        self._ran = True
+        self._run(handle_signals)
+
+    def _run(self, handle_signals: bool) -> None:
+        """Backend: set up, run the loop until the shutdown is done, tear down (this thread)."""
+        raise NotImplementedError
+
+    def _run_thread(self) -> None:
+        try:
+            self.run(handle_signals=False)
+        except BaseException as e:  # noqa: BLE001 - reported by start()/join()
+            if self._start_exc is None:
+                logger.exception("proactor engine thread died")
+                self._start_exc = e
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Begin a graceful shutdown (from any thread): stop accepting, let handlers
+        finish what is queued and in-flight sends complete (for at most ``timeout``
+        seconds), then close everything and join the workers."""
+        if not self._closed:
+            self._post(self._begin_shutdown, timeout)
+
+    def _begin_shutdown(self, timeout: float) -> None:
+        """Backend: start the shutdown that ``stop(timeout)`` asks for (engine's thread)."""
+        raise NotImplementedError
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for a :meth:`start`-ed engine to finish; True when it has."""
+        return self._stopped.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """:meth:`stop` and :meth:`join`; a never-run engine closes what it opened."""
+        if not self._ran:
+            self._ran = True
+            self._closed = True
+            self._cmds.clear()
+            self._close_never_run(timeout)
+            self._stopped.set()
+            return
+        self.stop(timeout)
+        if self._thread_id != _get_ident():
+            self.join()
+
+    def _close_never_run(self, timeout: float) -> None:
+        """Backend: close what an engine that never ran opened (sockets, pools, memory)."""
+        raise NotImplementedError
+
+    def _shutdown_pools(self) -> None:
+        """Let every worker pool finish and join it (at most 5 s each)."""
+        for p in self._pools:
+            if not p.shutdown(timeout=5.0):
+                logger.error("worker threads did not finish within 5 s")
+
+    def __enter__(self: _Engine) -> _Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._started.is_set() and not self._stopped.is_set()
+
+    # ------------------------------------------------------------------ scheduling
+    def time(self) -> float:
+        return time.monotonic()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine's thread soon (thread-safe)."""
+        if _get_ident() == self._thread_id:
+            self._ready.append((fn, args))
+            self._wake_sched()
+        else:
+            self._post(fn, *args)
+
+    call_soon_threadsafe = call_soon
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
+        return self.call_at(time.monotonic() + delay, fn, *args)
+
+    def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
+        """Run ``fn(*args)`` on the engine's thread at ``time()`` >= ``when``; returns a
+        handle with ``cancel()`` (usable from any thread). From another thread it is
+        scheduled through the loop."""
+        h = TimerHandle(when, fn, args)
+        if _get_ident() == self._thread_id:
+            self._push_timer(h)
+        else:
+            self._post(self._push_timer, h)
+        return h
+
+    def _push_timer(self, h: TimerHandle) -> None:
+        heap = self._timers._heap
+        heapq.heappush(heap, h)
+        if heap[0] is h:
+            self._wake_sched()           # it may sleep until a later deadline
+
+    def _wake_sched(self) -> None:
+        """Backend: make the engine's thread look at ``_ready`` and the timers again (default:
+        nothing, for a loop that looks every turn)."""
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Hand a call to the engine's thread (from any thread) and wake it."""
+        if self._closed:
+            raise EngineClosed("the engine is shut down")
+        self._cmds.append((fn, args))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wakeup()
+
+    def _wakeup(self) -> None:
+        """Backend: wake the engine's thread to run ``_run_cmds`` (any thread; once per batch)."""
+        raise NotImplementedError
+
+    def _in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        if _get_ident() == self._thread_id:
+            fn(*args)
+        else:
+            self._post(fn, *args)
+
+    def _run_cmds(self) -> None:
+        """Run calls posted by other threads: at most a bounded number per loop turn, so
+        completions and timers keep flowing however fast other threads post."""
+        cmds = self._cmds
+        run_calls(cmds, min(len(cmds), self._cmds_per_turn))
+
+    def _run_ready(self) -> None:
+        ready = self._ready
+        run_calls(ready, len(ready))
+
+    def _check_loop(self, what: str) -> None:
+        if _get_ident() != self._thread_id:
+            raise RuntimeError(f"{what}() must be called on the engine's thread")
+
+    # ------------------------------------------------------------------ worker pools
+    def _backpressure(self, p: WorkerPool, c: BaseConnection) -> None:
+        """The pool's queue is full: stop reading from this connection until it drains."""
+        if c._pause_for_pool():
+            p._paused_conns.append(c)
+        with p._cond:
+            if p.pending > p._low_water:
+                p.paused = True
+                return
+        self._resume_pool(p)   # the workers drained it meanwhile
+
+    def _resume_reading_for(self, p: WorkerPool) -> None:
+        """Called by a worker when its pool's queue is low again."""
+        try:
+            self._post(self._resume_pool, p)
+        except EngineClosed:
+            pass
+
+    def _resume_pool(self, p: WorkerPool) -> None:
+        paused, p._paused_conns = p._paused_conns, []
+        for c in paused:
+            c._resume_for_pool()
+
+    # ------------------------------------------------------------------ servers
+    def serve_tcp(self, handler_factory: Callable[[], Handler], host: Optional[str] = "127.0.0.1",
+                  port: int = 0, *, workers: int = 0, backlog: int = 1024,
+                  reuse_port: bool = False, max_queue: int = 4096) -> Any:
+        """Listen on ``host:port`` and serve each connection with ``handler_factory()``.
+
+        ``workers=0`` runs handlers on the engine's thread; ``workers=N`` runs them on N
+        worker threads (half-sync/half-async), at most ``max_queue`` events queued before
+        reading pauses. Binding happens now (errors raise here); accepting starts once
+        the engine runs. Callable from any thread."""
+        if self._closed or self._shutting:
+            raise EngineClosed("the engine is shut down")
+        socks = bind_tcp(host, port, backlog, reuse_port)
+        pool = None
+        if workers:
+            pool = WorkerPool(self, workers, max_queue)
+            self._pools.append(pool)
+        srv = self._server_class(self, socks, handler_factory, pool)
+        self._servers.append(srv)
+        try:
+            self._in_loop(srv._start)
+        except EngineClosed:
+            srv._close_socks()
+            raise
+        return srv
+
+    def connect_tcp(self, handler_factory: Callable[[], Handler], host: str, port: int,
+                    callback: Optional[Callable[[Op], Any]] = None, *,
+                    timeout: Optional[float] = None) -> Op:
+        """Open a client connection served by ``handler_factory()`` (on the engine's
+        thread). The returned op's result is the connection; the handler's
+        ``connection_made`` runs before ``callback``."""
+        family, _, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        return self._connect_tcp(handler_factory, family, proto, addr, callback, timeout)
+
+    def _connect_tcp(self, handler_factory: Callable[[], Handler], family: int, proto: int,
+                     addr: Any, callback: Optional[Callable[[Op], Any]],
+                     timeout: Optional[float]) -> Op:
+        """Backend: connect to the resolved ``addr`` as ``connect_tcp`` says (any thread)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ low-level ops
+    def _cancel_op(self, op: Op) -> None:
+        if _get_ident() != self._thread_id:
+            self._post(self._cancel_op, op)
+            return
+        if op._done or op._cancel_req:
+            return
+        op._cancel_req = True          # first: an op not submitted yet ends when it would be
+        self._cancel_submitted(op)
+
+    def _cancel_submitted(self, op: Op) -> None:
+        """Backend: request the cancellation of ``op`` if it is in flight (engine's thread)."""
+        raise NotImplementedError
+
+    def _check_fixed(self, index: int, nbytes: int, buf_offset: int) -> None:
+        lens = self._fixed_lens
+        if not 0 <= index < len(lens):
+            raise ValueError(f"no registered buffer {index}")
+        if buf_offset < 0 or nbytes < 0 or buf_offset + nbytes > lens[index]:
+            raise ValueError("range outside the registered buffer")
+
+    def read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                   callback: Callable[[Op], Any], *, buf_offset: int = 0,
+                   timeout: Optional[float] = None) -> Op:
+        """Read into registered buffer ``index`` (from ``buf_offset``); result: bytes read.
+        A range outside the buffer raises ValueError."""
+        self._check_fixed(index, nbytes, buf_offset)
+        return self._read_fixed(fd, index, nbytes, offset, callback, buf_offset, timeout)
+
+    def write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                    callback: Callable[[Op], Any], *, buf_offset: int = 0,
+                    timeout: Optional[float] = None) -> Op:
+        """Write from registered buffer ``index`` (from ``buf_offset``); result: bytes
+        written. A range outside the buffer raises ValueError."""
+        self._check_fixed(index, nbytes, buf_offset)
+        return self._write_fixed(fd, index, nbytes, offset, callback, buf_offset, timeout)
+
+    def _read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                    callback: Callable[[Op], Any], buf_offset: int,
+                    timeout: Optional[float]) -> Op:
+        """Backend: submit ``read_fixed`` (its range is checked)."""
+        raise NotImplementedError
+
+    def _write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                     callback: Callable[[Op], Any], buf_offset: int,
+                     timeout: Optional[float]) -> Op:
+        """Backend: submit ``write_fixed`` (its range is checked)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ statistics
+    def _stats(self, **counters: int) -> Stats:
+        """A :class:`Stats` of ``counters`` and what every engine counts alike: the objects
+        pinned (low-level ops in flight, registered buffers) and the worker queues' depth."""
+        return Stats(backend=self.backend,
+                     pinned_objects=len(self._ops) + len(self._registered),
+                     queue_depth=sum(p.pending for p in self._pools), **counters)

@@ -50,6 +50,12 @@ What does this mean for us?
   short send, ENOBUFS re-arm, close sequencing) happens in the C layer
   (``_build/build_uring.py``). Python sees one ``px_event`` per completion a user must
   see, and one ``io_uring_enter`` per loop turn submits everything queued in that turn.
+
+What the backends do alike (the engine's life, calls posted from other threads, timers,
+worker-pool backpressure, a connection's flags, close and drain bookkeeping) lives in
+:class:`~proactor._common.BaseEngine`, ``BaseConnection`` and ``BaseServer``; the classes
+here supply the io_uring side of it through their hook methods. ``UringConnection.send``
+and ``UringEngine._dispatch`` stay here in full: they are the hot paths.
 """
 from __future__ import annotations
 
@@ -62,7 +68,6 @@ import socket
 import struct
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from ._common import (
@@ -70,17 +75,18 @@ from ._common import (
     EOF,
     LOST,
     MADE,
+    BaseConnection,
+    BaseEngine,
+    BaseServer,
     Handler,
     Op,
     Stats,
-    Timers,
     WorkerPool,
-    bind_tcp,
     handler_failed,
     run_handler_event,
 )
 from ._diagnose import OPCODES, REQUIRED
-from ._errors import EngineClosed, UringUnavailable, os_error
+from ._errors import UringUnavailable, os_error
 
 try:
     from ._uring_cffi import ffi, lib
@@ -129,42 +135,24 @@ def _sockaddr(address: Any, family: int) -> bytes:
     raise ValueError(f"unsupported address family {family}")
 
 
-class UringConnection:
+class UringConnection(BaseConnection):
     """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
     called from any thread; everything else from the handler (or the engine's thread)."""
 
-    __slots__ = ("_engine", "_r", "_slot", "_gen", "_fd", "_handler", "_data_received",
-                 "_wpool", "_wq", "_wsched", "_closing", "_closed", "_fail_exc",
-                 "_user_paused", "_drain_cbs", "_bidx", "_tid", "server", "__weakref__")
+    __slots__ = ("_r", "_slot", "_gen", "_tid")
 
     def __init__(self, engine: UringEngine, slot: int, gen: int, fd: int,
                  server: Optional[UringServer], pool: Optional[WorkerPool]) -> None:
-        self._engine = engine
+        super().__init__(engine, fd, server, pool)
         self._r = engine._r
         self._tid = engine._thread_id     # the engine's thread: sends go straight in
         self._slot = slot
         self._gen = gen
-        self._fd = fd
-        self._handler: Any = None
-        self._data_received: Any = None
-        self._wpool = pool
-        self._wq: list = []
-        self._wsched = False
-        self._closing = False
-        self._closed = False
-        self._fail_exc: Optional[BaseException] = None
-        self._user_paused = False
-        self._drain_cbs: Optional[list] = None
-        self._bidx = 0              # index of its last DATA event in the pool's batch
-        self.server = server
 
     # -- sending
     def send(self, data: Any) -> None:
-        """Queue ``data`` (bytes-like, copied) to be sent after what was queued before.
-
-        Raises ``BrokenPipeError`` once the connection is closing or closed. Bytes that
-        cannot be delivered because the connection fails later are reported through
-        ``connection_lost(conn, exc)``."""
+        # BaseConnection.send with the engine's thread kept on the connection and px_send
+        # called right here: the hottest call, so no method call in between.
         if self._closing:
             raise os_error(errno.EPIPE, "send")
         if type(data) is not bytes:
@@ -174,120 +162,59 @@ class UringConnection:
         else:
             self._engine._post(self._send_now, data)
 
-    def writelines(self, chunks: Iterable[Any]) -> None:
-        """Queue several chunks; queued chunks go out gathered into one ``sendmsg``."""
-        for c in chunks:
-            self.send(c)
+    send.__doc__ = BaseConnection.send.__doc__
 
     def _send_now(self, data: bytes) -> None:
         lib.px_send(self._r, self._slot, self._gen, data, len(data))
 
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued and not yet sent (from any thread: a snapshot)."""
-        if self._closed:
-            return 0
+    def _queued_size(self) -> int:
         return max(0, lib.px_send_queued(self._r, self._slot, self._gen))
 
-    def when_drained(self, callback: Callable[[], Any]) -> None:
-        """Run ``callback()`` on the engine's thread once everything queued is sent."""
-        self._engine._in_loop(self._when_drained, callback)
-
-    def _when_drained(self, callback: Callable[[], Any]) -> None:
-        if self._closed or lib.px_want_drain(self._r, self._slot, self._gen) != 0:
-            self._engine.call_soon(callback)
-            return
-        if self._drain_cbs is None:
-            self._drain_cbs = []
-        self._drain_cbs.append(callback)
-
-    def _on_drained(self) -> None:
-        cbs, self._drain_cbs = self._drain_cbs, None
-        for cb in cbs or ():
-            self._engine.call_soon(cb)
+    def _want_drain(self) -> bool:
+        # The C layer reports EV_DRAINED (-> _on_drained) when the queue has gone out.
+        return lib.px_want_drain(self._r, self._slot, self._gen) == 0
 
     # -- reading
-    def pause_reading(self) -> None:
-        """Stop receiving (the kernel keeps the data in the socket)."""
-        self._user_paused = True
-        self._engine._in_loop(lambda: lib.px_pause_reading(self._r, self._slot, self._gen))
+    def _set_reading(self, on: bool) -> None:
+        if on:
+            lib.px_resume_reading(self._r, self._slot, self._gen)
+        else:
+            lib.px_pause_reading(self._r, self._slot, self._gen)
 
-    def resume_reading(self) -> None:
-        self._user_paused = False
-        self._engine._in_loop(lambda: lib.px_resume_reading(self._r, self._slot, self._gen))
+    def _pause_for_pool(self) -> bool:
+        return lib.px_pause_reading(self._engine._r, self._slot, self._gen) == 1
+
+    def _resume_for_pool(self) -> None:
+        if not self._closing and not self._user_paused:
+            lib.px_resume_reading(self._engine._r, self._slot, self._gen)
 
     # -- closing
-    def close(self) -> None:
-        """Close after the queued data has been sent. ``connection_lost`` follows."""
-        if self._closing:
-            return
-        self._closing = True
-        self._engine._in_loop(self._close_now, 0)
-
-    def abort(self) -> None:
-        """Close now: unsent data is dropped, in-flight requests are cancelled."""
-        self._closing = True
-        self._engine._in_loop(self._close_now, 1)
-
-    def _close_now(self, abort: int) -> None:
+    def _close_now(self, abort: bool) -> None:
         if not self._closed:
             lib.px_close(self._r, self._slot, self._gen, abort)
 
-    def _fail(self, exc: BaseException) -> None:
-        if self._fail_exc is None:
-            self._fail_exc = exc
-        self.abort()
-
     # -- information
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return -1 if self._closed else self._fd
-
-    def _sockinfo(self, name: str) -> Any:
-        if self._closed:
-            raise os_error(errno.EBADF, name)
+    def _sock_call(self, name: str) -> Any:
         s = socket.socket(fileno=self._fd)
         try:
             return getattr(s, name)()
         finally:
             s.detach()
 
-    @property
-    def peername(self) -> Any:
-        return self._sockinfo("getpeername")
 
-    @property
-    def sockname(self) -> Any:
-        return self._sockinfo("getsockname")
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "closing" if self._closing else "open"
-        return f"<UringConnection fd={self._fd} {state}>"
-
-
-class UringServer:
+class UringServer(BaseServer):
     """Listening sockets of one ``serve_tcp`` call."""
 
     def __init__(self, engine: UringEngine, socks: list, factory: Callable[[], Handler],
                  pool: Optional[WorkerPool]) -> None:
-        self._engine = engine
-        self._factory = factory
-        self.pool = pool
-        self.addresses = [s.getsockname() for s in socks]
-        self._fds = [s.detach() for s in socks]
+        super().__init__(engine, socks, factory, pool)
+        self._fds = [s.detach() for s in socks]     # until _start hands them to the ring
         self._slots: list[int] = []
-        self._closing = False
-        self._open_listeners = 0
-
-    @property
-    def port(self) -> int:
-        return self.addresses[0][1]
 
     def _start(self) -> None:
         eng = self._engine
-        for fd in self._fds:
+        fds, self._fds = self._fds, []
+        for fd in fds:
             slot = lib.px_listen(eng._r, fd)
             if slot < 0:
                 os.close(fd)
@@ -300,11 +227,10 @@ class UringServer:
             self._closing = False
             self._close_now()
 
-    def close(self) -> None:
-        """Stop accepting; connections already accepted carry on."""
-        if not self._closing:
-            self._closing = True
-            self._engine._in_loop(self._close_now)
+    def _close_socks(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def _close_now(self) -> None:
         eng = self._engine
@@ -315,15 +241,8 @@ class UringServer:
         if not self._closing and self._engine._r is not None:
             lib.px_rearm_accept(self._engine._r, slot)
 
-    @property
-    def closed(self) -> bool:
-        return self._closing and self._open_listeners == 0
 
-    def __repr__(self) -> str:
-        return f"<UringServer {self.addresses}>"
-
-
-class UringEngine:
+class UringEngine(BaseEngine):
     """A Proactor on io_uring. See the module docstring for how it works.
 
     Options: ``entries`` (SQ size), ``cq_entries`` (CQ size, default 8×entries),
@@ -331,6 +250,8 @@ class UringEngine:
     """
 
     backend = "io_uring"
+    _server_class = UringServer
+    _cmds_per_turn = 4096
 
     def __init__(self, *, entries: int = 2048, cq_entries: Optional[int] = None,
                  buffers: int = 1024, buffer_size: int = 16384,
@@ -339,6 +260,7 @@ class UringEngine:
             raise UringUnavailable(errno.ENOSYS, "the io_uring extension is not built here")
         if buffers <= 0 or buffers & (buffers - 1) or buffers > 32768:
             raise ValueError("buffers must be a power of two <= 32768")
+        super().__init__()
         self._entries = entries
         self._cq_entries = cq_entries or entries * 8
         self._nbufs = buffers
@@ -347,38 +269,17 @@ class UringEngine:
         self.setup_flags = 0
         self.features = 0
         self._r: Any = None
-        self._thread_id: Optional[int] = None
-        self._thread: Optional[threading.Thread] = None
-        self._cmds: deque = deque()
-        self._ready: deque = deque()
-        self._timers = Timers()
-        self._wake_pending = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._wake_w, False)
-        self._conns: list[Any] = []
-        self._ops: dict[int, Op] = {}
-        self._servers: list[UringServer] = []
-        self._pools: list[WorkerPool] = []
-        self._registered: list = []
-        self._fixed_lens: list[int] = []
+        self._conns: list[Any] = []          # by slot: connections, servers, None
         self._pool_mem: Any = None
         self._pool_ptr: Any = None
         self._evq: Any = None
-        self._started = threading.Event()
-        self._start_exc: Optional[BaseException] = None
-        self._stopped = threading.Event()
         self._shutdown: Optional[dict] = None
-        self._closed = False
-        self._ran = False
         self._final_stats: Optional[Stats] = None
 
     # ------------------------------------------------------------------ running
-    def run(self, *, handle_signals: bool = True) -> None:
-        """Run the loop in this thread until :meth:`stop` (or SIGINT/SIGTERM when
-        ``handle_signals`` and this is the main thread) has shut everything down."""
-        if self._ran:
-            raise RuntimeError("an engine runs once")
-        self._ran = True
+    def _run(self, handle_signals: bool) -> None:
         self._thread_id = _get_ident()
         try:
             self._setup()
@@ -400,106 +301,24 @@ class UringEngine:
             self._teardown()
             self._stopped.set()
 
-    def start(self) -> UringEngine:
-        """Run the loop on a new thread; returns once the ring is set up."""
-        t = threading.Thread(target=self._run_thread, name="proactor-io", daemon=True)
-        self._thread = t
-        t.start()
-        self._started.wait()
-        if self._start_exc is not None:
-            raise self._start_exc
-        return self
-
-    def _run_thread(self) -> None:
-        try:
-            self.run(handle_signals=False)
-        except BaseException as e:  # noqa: BLE001 - reported by start()/join()
-            if self._start_exc is None:
-                logger.exception("proactor engine thread died")
-                self._start_exc = e
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Begin a graceful shutdown (from any thread): stop accepting, let handlers
-        finish what is queued and in-flight sends complete (for at most ``timeout``
-        seconds), then close everything and join the workers."""
-        if not self._closed:
-            self._post(self._begin_shutdown, timeout)
-
-    def join(self, timeout: Optional[float] = None) -> bool:
-        """Wait for a :meth:`start`-ed engine to finish; True when it has."""
-        return self._stopped.wait(timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """:meth:`stop` and :meth:`join`; a never-run engine closes what it opened."""
-        if not self._ran:
-            self._ran = True
-            self._closed = True
-            for srv in self._servers:       # bound but never handed to a ring
-                for fd in srv._fds:
-                    os.close(fd)
-                srv._fds = []
-            for p in self._pools:
-                p.shutdown(timeout)
-            self._cmds.clear()
-            self._release()
-            self._stopped.set()
-            return
-        self.stop(timeout)
-        if self._thread_id != _get_ident():
-            self.join()
-
-    def __enter__(self) -> UringEngine:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def _close_never_run(self, timeout: float) -> None:
+        for srv in self._servers:       # bound but never handed to a ring
+            srv._close_socks()
+        for p in self._pools:
+            p.shutdown(timeout)
+        self._release()
 
     @property
-    def running(self) -> bool:
-        return self._started.is_set() and not self._stopped.is_set()
+    def _shutting(self) -> bool:
+        return self._shutdown is not None
 
     # ------------------------------------------------------------------ scheduling
-    def time(self) -> float:
-        return time.monotonic()
-
-    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the engine's thread soon (thread-safe)."""
-        if _get_ident() == self._thread_id:
-            self._ready.append((fn, args))
-        else:
-            self._post(fn, *args)
-
-    call_soon_threadsafe = call_soon
-
-    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.call_at(time.monotonic() + delay, fn, *args)
-
-    def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on the engine's thread at ``time()`` >= ``when``; returns a
-        handle with ``cancel()``. From another thread it is scheduled through the loop."""
-        if _get_ident() == self._thread_id:
-            return self._timers.add(when, fn, args)
-        holder = _LateTimer()
-        self._post(holder.arm, self, when, fn, args)
-        return holder
-
-    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Hand a call to the engine's thread (from any thread) and wake it."""
-        if self._closed:
-            raise EngineClosed("the engine is shut down")
-        self._cmds.append((fn, args))
-        if not self._wake_pending:
-            self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass
-
-    def _in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
-        if _get_ident() == self._thread_id:
-            fn(*args)
-        else:
-            self._post(fn, *args)
+    def _wakeup(self) -> None:
+        # The wakeup pipe's read end always has a read armed in the ring (EV_WAKE).
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
 
     # ------------------------------------------------------------------ ring life
     def _setup(self) -> None:
@@ -590,27 +409,6 @@ class UringEngine:
                 self._dispatch(n)
             elif n < 0:
                 raise os_error(n, "io_uring_enter")
-
-    def _run_cmds(self) -> None:
-        """Run calls posted by other threads: at most a bounded number per loop turn, so
-        completions and timers keep flowing however fast other threads post."""
-        cmds = self._cmds
-        pop = cmds.popleft
-        for _ in range(min(len(cmds), 4096)):
-            fn, args = pop()
-            try:
-                fn(*args)
-            except Exception:
-                logger.exception("call of %r raised", fn)
-
-    def _run_ready(self) -> None:
-        ready = self._ready
-        for _ in range(len(ready)):
-            fn, args = ready.popleft()
-            try:
-                fn(*args)
-            except Exception:
-                logger.exception("call of %r raised", fn)
 
     # ------------------------------------------------------------------ completions
     def _dispatch(self, n: int) -> None:
@@ -704,17 +502,9 @@ class UringEngine:
             return touched
         c = UringConnection(self, slot, lib.px_conn_gen(r, slot), fd, srv, srv.pool)
         self._set_conn(slot, c)
-        try:
-            h = srv._factory()
-        except Exception as e:
-            logger.exception("handler factory raised; closing the new connection")
-            c._fail_exc = e
-            c._handler = Handler()
-            c._closing = True
+        if not c._make_handler(srv._factory):
             lib.px_close(r, slot, c._gen, 1)
             return touched
-        c._handler = h
-        c._data_received = h.data_received
         return self._deliver(c, MADE, None, touched)
 
     def _closed_slot(self, slot: int, res: int, kind: int,
@@ -744,58 +534,10 @@ class UringEngine:
             conns.extend([None] * (slot + 1 - len(conns)))
         conns[slot] = obj
 
-    def _backpressure(self, p: WorkerPool, c: UringConnection) -> None:
-        """The pool's queue is full: stop reading from this connection until it drains."""
-        if lib.px_pause_reading(self._r, c._slot, c._gen) == 1:
-            p._paused_conns.append(c)
-        with p._cond:
-            if p.pending > p._low_water:
-                p.paused = True
-                return
-        self._resume_pool(p)   # the workers drained it meanwhile
-
-    def _resume_reading_for(self, p: WorkerPool) -> None:
-        """Called by a worker when its pool's queue is low again."""
-        try:
-            self._post(self._resume_pool, p)
-        except EngineClosed:
-            pass
-
-    def _resume_pool(self, p: WorkerPool) -> None:
-        paused, p._paused_conns = p._paused_conns, []
-        for c in paused:
-            if not c._closing and not c._user_paused:
-                lib.px_resume_reading(self._r, c._slot, c._gen)
-
     # ------------------------------------------------------------------ servers
-    def serve_tcp(self, handler_factory: Callable[[], Handler], host: Optional[str] = "127.0.0.1",
-                  port: int = 0, *, workers: int = 0, backlog: int = 1024,
-                  reuse_port: bool = False, max_queue: int = 4096) -> UringServer:
-        """Listen on ``host:port`` and serve each connection with ``handler_factory()``.
-
-        ``workers=0`` runs handlers on the engine's thread; ``workers=N`` runs them on N
-        worker threads (half-sync/half-async), at most ``max_queue`` events queued before
-        reading pauses. Binding happens now (errors raise here); accepting starts once
-        the engine runs. Callable from any thread."""
-        if self._closed or self._shutdown is not None:
-            raise EngineClosed("the engine is shut down")
-        socks = bind_tcp(host, port, backlog, reuse_port)
-        pool = None
-        if workers:
-            pool = WorkerPool(self, workers, max_queue)
-            self._pools.append(pool)
-        srv = UringServer(self, socks, handler_factory, pool)
-        self._servers.append(srv)
-        self._in_loop(srv._start)
-        return srv
-
-    def connect_tcp(self, handler_factory: Callable[[], Handler], host: str, port: int,
-                    callback: Optional[Callable[[Op], Any]] = None, *,
-                    timeout: Optional[float] = None) -> Op:
-        """Open a client connection served by ``handler_factory()`` (on the engine's
-        thread). The returned op's result is the connection; the handler's
-        ``connection_made`` runs before ``callback``."""
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    def _connect_tcp(self, handler_factory: Callable[[], Handler], family: int, proto: int,
+                     addr: Any, callback: Optional[Callable[[Op], Any]],
+                     timeout: Optional[float]) -> Op:
         sa = _sockaddr(addr, family)
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -854,13 +596,7 @@ class UringEngine:
             res = 0                    # a timeout op that expired did its job
         op._complete(res)
 
-    def _cancel_op(self, op: Op) -> None:
-        if _get_ident() != self._thread_id:
-            self._post(self._cancel_op, op)
-            return
-        if op._done or op._cancel_req:
-            return
-        op._cancel_req = True          # before submission: _submit completes it at once
+    def _cancel_submitted(self, op: Op) -> None:
         if op._index >= 0 and self._ops.get(op._index) is op:
             lib.px_op_cancel(self._r, op._index)
 
@@ -1005,55 +741,36 @@ class UringEngine:
         self._registered = []
         self._fixed_lens = []
 
-    def _check_fixed(self, index: int, nbytes: int, buf_offset: int) -> None:
-        lens = self._fixed_lens
-        if not 0 <= index < len(lens):
-            raise ValueError(f"no registered buffer {index}")
-        if buf_offset < 0 or nbytes < 0 or buf_offset + nbytes > lens[index]:
-            raise ValueError("range outside the registered buffer")
-
-    def read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
-                   callback: Callable[[Op], Any], *, buf_offset: int = 0,
-                   timeout: Optional[float] = None) -> Op:
-        """Read into registered buffer ``index`` (from ``buf_offset``); result: bytes read.
-        A range outside the buffer raises ValueError."""
-        self._check_fixed(index, nbytes, buf_offset)
+    def _read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                    callback: Callable[[Op], Any], buf_offset: int,
+                    timeout: Optional[float]) -> Op:
         op = Op(self, "read_fixed", callback, None, None)  # the engine pins the buffers
         return self._submit(op, lib.px_op_read_fixed, fd, index, buf_offset, nbytes,
                             offset & 0xFFFFFFFFFFFFFFFF, self._tmo(timeout))
 
-    def write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
-                    callback: Callable[[Op], Any], *, buf_offset: int = 0,
-                    timeout: Optional[float] = None) -> Op:
-        """Write from registered buffer ``index`` (from ``buf_offset``); result: bytes
-        written. A range outside the buffer raises ValueError."""
-        self._check_fixed(index, nbytes, buf_offset)
+    def _write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                     callback: Callable[[Op], Any], buf_offset: int,
+                     timeout: Optional[float]) -> Op:
         op = Op(self, "write_fixed", callback, None, None)
         return self._submit(op, lib.px_op_write_fixed, fd, index, buf_offset, nbytes,
                             offset & 0xFFFFFFFFFFFFFFFF, self._tmo(timeout))
-
-    def _check_loop(self, what: str) -> None:
-        if _get_ident() != self._thread_id:
-            raise RuntimeError(f"{what}() must be called on the engine's thread")
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> Stats:
         """Counters, readable from any thread while the engine runs."""
         r = self._r
-        queue = sum(p.pending for p in self._pools)
-        pinned = len(self._ops) + len(self._registered)
         if r is None:
             if self._final_stats is not None:
                 return self._final_stats
-            return Stats(self.backend, 0, 0, 0, 0, self._nbufs, pinned, 0, queue, 0, 0, 0, 0)
+            return self._stats(ops_submitted=0, ops_completed=0, ops_in_flight=0,
+                               buffers_in_use=0, buffers_total=self._nbufs, connections=0,
+                               bytes_in=0, bytes_out=0, send_queued=0, cq_overflow=0)
         st = lib.px_get_stats(r)
-        return Stats(
-            backend=self.backend,
+        return self._stats(
             ops_submitted=st.submitted, ops_completed=st.completed,
-            ops_in_flight=st.inflight, buffers_in_use=st.bufs_out,
-            buffers_total=self._nbufs, pinned_objects=pinned,
+            ops_in_flight=st.inflight, buffers_in_use=st.bufs_out, buffers_total=self._nbufs,
             connections=sum(1 for c in self._conns if isinstance(c, UringConnection)),
-            queue_depth=queue, bytes_in=st.bytes_in, bytes_out=st.bytes_out,
+            bytes_in=st.bytes_in, bytes_out=st.bytes_out,
             send_queued=st.send_queued, cq_overflow=st.cq_overflow,
         )
 
@@ -1106,9 +823,7 @@ class UringEngine:
 
     def _teardown(self) -> None:
         self._closed = True
-        for p in self._pools:
-            if not p.shutdown(timeout=5.0):
-                logger.error("worker threads did not finish within 5 s")
+        self._shutdown_pools()
         self._release()
 
     def _release(self) -> None:
@@ -1131,21 +846,3 @@ class UringEngine:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
 
-
-class _LateTimer:
-    """The handle ``call_at`` returns off the engine's thread: cancels once armed."""
-
-    __slots__ = ("_h", "cancelled")
-
-    def __init__(self) -> None:
-        self._h: Any = None
-        self.cancelled = False
-
-    def arm(self, engine: UringEngine, when: float, fn: Callable[..., Any], args: tuple) -> None:
-        if not self.cancelled:
-            self._h = engine._timers.add(when, fn, args)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self._h is not None:
-            self._h.cancel()

@@ -76,11 +76,15 @@ As in the io_uring engine: stop accepting and reading, let the worker pools drai
 every connection gracefully (queued data is flushed), abort what is left at the
 deadline, cancel the low-level ops and wait for their final completions, then end the
 loop and join the workers. Every socket the engine opened is closed by then.
+
+What the backends do alike (the engine's life, the posted calls and the timer heap,
+worker-pool backpressure, a connection's flags, close and drain bookkeeping) lives in
+:class:`~proactor._common.BaseEngine`, ``BaseConnection`` and ``BaseServer``; the classes
+here supply the trio side of it through their hook methods.
 """
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
 import math
 import os
@@ -93,7 +97,7 @@ import threading
 import time
 from collections import deque
 from itertools import islice
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import trio
 
@@ -102,13 +106,13 @@ from ._common import (
     EOF,
     LOST,
     MADE,
+    BaseConnection,
+    BaseEngine,
+    BaseServer,
     Handler,
     Op,
     Stats,
-    TimerHandle,
-    Timers,
     WorkerPool,
-    bind_tcp,
     handler_failed,
     run_handler_event,
 )
@@ -145,66 +149,30 @@ _CMDS_PER_TURN = 1024
 _FILE, _STREAM, _SOCK = range(3)
 
 
-class TrioConnection:
+class TrioConnection(BaseConnection):
     """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
     called from any thread; everything else from the handler (or the engine's thread)."""
 
-    __slots__ = ("_engine", "_sock", "_fd", "_handler", "_data_received", "_wpool", "_wq",
-                 "_wsched", "_closing", "_closed", "_aborted", "_fail_exc", "_user_paused",
-                 "_bp_paused", "_sd_paused", "_no_read", "_rpark", "_drain_cbs", "_sendq",
-                 "_sendq_bytes", "_writing", "_tasks", "_rscope", "_wscope", "_bidx",
-                 "server", "__weakref__")
+    __slots__ = ("_sock", "_aborted", "_bp_paused", "_sd_paused", "_no_read", "_rpark",
+                 "_sendq", "_sendq_bytes", "_writing", "_tasks", "_rscope", "_wscope")
 
     def __init__(self, engine: TrioEngine, sock: socket.socket, server: Optional[TrioServer],
                  pool: Optional[WorkerPool]) -> None:
-        self._engine = engine
+        super().__init__(engine, sock.fileno(), server, pool)
         self._sock = sock
-        self._fd = sock.fileno()
-        self._handler: Any = None
-        self._data_received: Any = None
-        self._wpool = pool
-        self._wq: list = []              # the worker pool's queue of this connection
-        self._wsched = False             # on the pool's ready queue
-        self._closing = False
-        self._closed = False
         self._aborted = False
-        self._fail_exc: Optional[BaseException] = None
-        self._user_paused = False
         self._bp_paused = False          # paused by worker-pool backpressure
         self._sd_paused = False          # paused by the shutdown
         self._no_read = False            # any of the three
         self._rpark: Any = None          # trio.Event the paused reader waits on
-        self._drain_cbs: Optional[list] = None
         self._sendq: deque = deque()     # what the kernel has not taken yet, in order
         self._sendq_bytes = 0
         self._writing = False            # a writer task exists
         self._tasks = 0                  # reader + writer tasks not yet exited
         self._rscope = trio.CancelScope()
         self._wscope: Any = None
-        self._bidx = 0                   # index of its last DATA event in the pool's batch
-        self.server = server
 
     # -- sending
-    def send(self, data: Any) -> None:
-        """Queue ``data`` (bytes-like, copied) to be sent after what was queued before.
-
-        Raises ``BrokenPipeError`` once the connection is closing or closed. Bytes that
-        cannot be delivered because the connection fails later are reported through
-        ``connection_lost(conn, exc)``."""
-        if self._closing:
-            raise os_error(errno.EPIPE, "send")
-        if type(data) is not bytes:
-            data = bytes(data)
-        if _get_ident() == self._engine._thread_id:
-            self._send_now(data)
-        else:
-            self._engine._post(self._send_now, data)
-
-    def writelines(self, chunks: Iterable[Any]) -> None:
-        """Queue several chunks; queued chunks go out gathered into one ``sendmsg``."""
-        for c in chunks:
-            self.send(c)
-
     def _send_now(self, data: Any) -> None:
         if self._closed or self._aborted or not data:
             return
@@ -240,36 +208,27 @@ class TrioConnection:
             eng._nwrite += 1
             eng._nursery.start_soon(eng._writer, self)
 
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued and not yet sent."""
-        return 0 if self._closed else self._sendq_bytes
+    def _queued_size(self) -> int:
+        return self._sendq_bytes
 
-    def when_drained(self, callback: Callable[[], Any]) -> None:
-        """Run ``callback()`` on the engine's thread once everything queued is sent."""
-        self._engine._in_loop(self._when_drained, callback)
-
-    def _when_drained(self, callback: Callable[[], Any]) -> None:
-        if self._closed or not self._sendq:
-            self._engine.call_soon(callback)
-            return
-        if self._drain_cbs is None:
-            self._drain_cbs = []
-        self._drain_cbs.append(callback)
-
-    def _on_drained(self) -> None:
-        cbs, self._drain_cbs = self._drain_cbs, None
-        for cb in cbs or ():
-            self._engine.call_soon(cb)
+    def _want_drain(self) -> bool:
+        # The writer calls _on_drained when it has emptied the queue (or _finish does).
+        return bool(self._sendq)
 
     # -- reading
-    def pause_reading(self) -> None:
-        """Stop receiving (the kernel keeps the data in the socket)."""
-        self._user_paused = True
-        self._engine._in_loop(self._update_read)
+    def _set_reading(self, on: bool) -> None:
+        self._update_read()
 
-    def resume_reading(self) -> None:
-        self._user_paused = False
-        self._engine._in_loop(self._update_read)
+    def _pause_for_pool(self) -> bool:
+        if self._bp_paused or self._closing:
+            return False
+        self._bp_paused = True
+        self._update_read()
+        return True
+
+    def _resume_for_pool(self) -> None:
+        self._bp_paused = False
+        self._update_read()
 
     def _update_read(self) -> None:
         no = self._user_paused or self._bp_paused or self._sd_paused
@@ -279,19 +238,11 @@ class TrioConnection:
             ev.set()
 
     # -- closing
-    def close(self) -> None:
-        """Close after the queued data has been sent. ``connection_lost`` follows."""
-        if self._closing or self._closed:
-            return
-        self._closing = True
-        self._engine._in_loop(self._close_now, False)
-
     def abort(self) -> None:
         """Close now: unsent data is dropped, the connection's tasks are cancelled."""
         if self._closed:
             return
-        self._closing = True
-        self._engine._in_loop(self._close_now, True)
+        super().abort()
 
     def _close_now(self, abort: bool) -> None:
         if self._closed:
@@ -313,11 +264,6 @@ class TrioConnection:
             self._engine._send_queued -= self._sendq_bytes
             self._sendq.clear()
             self._sendq_bytes = 0
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._fail_exc is None:
-            self._fail_exc = exc
-        self.abort()
 
     def _task_exited(self) -> None:
         self._tasks -= 1
@@ -348,51 +294,22 @@ class TrioConnection:
         eng._deliver(self, LOST, self._fail_exc)
 
     # -- information
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return -1 if self._closed else self._fd
-
-    def _sockinfo(self, name: str) -> Any:
-        if self._closed:
-            raise os_error(errno.EBADF, name)
+    def _sock_call(self, name: str) -> Any:
         try:
             return getattr(self._sock, name)()
         except OSError as e:
             raise os_error(e.errno or errno.EBADF, name) from None
 
-    @property
-    def peername(self) -> Any:
-        return self._sockinfo("getpeername")
 
-    @property
-    def sockname(self) -> Any:
-        return self._sockinfo("getsockname")
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "closing" if self._closing else "open"
-        return f"<TrioConnection fd={self._fd} {state}>"
-
-
-class TrioServer:
+class TrioServer(BaseServer):
     """Listening sockets of one ``serve_tcp`` call."""
 
     def __init__(self, engine: TrioEngine, socks: list, factory: Callable[[], Handler],
                  pool: Optional[WorkerPool]) -> None:
-        self._engine = engine
-        self._factory = factory
-        self.pool = pool
-        self.addresses = [s.getsockname() for s in socks]
+        super().__init__(engine, socks, factory, pool)
         self._socks = socks
         self._scope = trio.CancelScope()
-        self._closing = False
-        self._open_listeners = len(socks)    # sockets not closed yet
-
-    @property
-    def port(self) -> int:
-        return self.addresses[0][1]
+        self._open_listeners = len(socks)
 
     def _start(self) -> None:
         eng = self._engine
@@ -412,23 +329,14 @@ class TrioServer:
 
     def close(self) -> None:
         """Stop accepting; connections already accepted carry on."""
-        if not self._closing:
-            self._closing = True
-            try:
-                self._engine._in_loop(self._close_now)
-            except EngineClosed:
-                pass
+        try:
+            super().close()
+        except EngineClosed:
+            pass
 
     def _close_now(self) -> None:
         self._closing = True
         self._scope.cancel()
-
-    @property
-    def closed(self) -> bool:
-        return self._closing and self._open_listeners == 0
-
-    def __repr__(self) -> str:
-        return f"<TrioServer {self.addresses}>"
 
 
 class _OpRec:
@@ -454,7 +362,7 @@ class _Watch:
         self.error: Optional[BaseException] = None
 
 
-class TrioEngine:
+class TrioEngine(BaseEngine):
     """A Proactor on trio (see the module docstring). The same API as
     :class:`proactor._io_uring.UringEngine`.
 
@@ -464,31 +372,24 @@ class TrioEngine:
     """
 
     backend = "trio"
+    _server_class = TrioServer
+    _cmds_per_turn = _CMDS_PER_TURN
 
     def __init__(self, *, buffer_size: int = 65536, entries: Optional[int] = None,
                  cq_entries: Optional[int] = None, buffers: Optional[int] = None,
                  setup_flags: Any = None) -> None:
         if buffer_size <= 0:
             raise ValueError("buffer_size must be > 0")
+        super().__init__()
         self._recv_size = buffer_size
-        self._thread_id: Optional[int] = None
-        self._thread: Optional[threading.Thread] = None
         self._token: Any = None
         self._nursery: Any = None
-        self._cmds: deque = deque()          # from other threads, run via run_sync_soon
-        self._wake_pending = False
-        self._ready: deque = deque()         # call_soon on the I/O thread
-        self._timers = Timers()
         self._touched: list = []             # pools with events batched in this turn
         self._sched_task: Any = None
         self._sched_parked = False
         self._conns: set = set()
-        self._servers: list[TrioServer] = []
-        self._pools: list[WorkerPool] = []
-        self._ops: dict[int, _OpRec] = {}
         self._next_op = 0
         self._watches: dict = {}
-        self._registered: list = []
         self._fd_locks: dict[int, threading.Lock] = {}
         # counters (written on the I/O thread, read from anywhere)
         self._ncompleted = 0
@@ -501,22 +402,12 @@ class TrioEngine:
         self._send_queued = 0
         self._loop_running = False
         # life
-        self._started = threading.Event()
-        self._stopped = threading.Event()
-        self._start_exc: Optional[BaseException] = None
         self._done: Any = None               # trio.Event: the shutdown has finished
         self._shutting = False
         self._hard = False                   # low-level ops are being cancelled
-        self._closed = False
-        self._ran = False
 
     # ------------------------------------------------------------------ running
-    def run(self, *, handle_signals: bool = True) -> None:
-        """Run the loop in this thread until :meth:`stop` (or SIGINT/SIGTERM when
-        ``handle_signals`` and this is the main thread) has shut everything down."""
-        if self._ran:
-            raise RuntimeError("an engine runs once")
-        self._ran = True
+    def _run(self, handle_signals: bool) -> None:
         signals = handle_signals and threading.current_thread() is threading.main_thread()
         try:
             trio.run(self._main, signals)
@@ -529,60 +420,17 @@ class TrioEngine:
             self._started.set()
             self._stopped.set()
 
-    def start(self) -> TrioEngine:
-        """Run the loop on a new thread; returns once it runs."""
-        t = threading.Thread(target=self._run_thread, name="proactor-io", daemon=True)
-        self._thread = t
-        t.start()
-        self._started.wait()
-        if self._start_exc is not None:
-            raise self._start_exc
-        return self
-
-    def _run_thread(self) -> None:
-        try:
-            self.run(handle_signals=False)
-        except BaseException as e:  # noqa: BLE001 - reported by start()/join()
-            if self._start_exc is None:
-                logger.exception("proactor engine thread died")
-                self._start_exc = e
-
     def stop(self, timeout: float = 5.0) -> None:
         """Begin a graceful shutdown (from any thread): stop accepting, let handlers
         finish what is queued and queued sends go out (for at most ``timeout`` seconds),
         then close everything and join the workers."""
-        if not self._closed:
-            try:
-                self._post(self._begin_shutdown, timeout)
-            except EngineClosed:
-                pass
+        try:
+            super().stop(timeout)
+        except EngineClosed:
+            pass
 
-    def join(self, timeout: Optional[float] = None) -> bool:
-        """Wait for a :meth:`start`-ed engine to finish; True when it has."""
-        return self._stopped.wait(timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """:meth:`stop` and :meth:`join`; a never-run engine just closes its sockets."""
-        if not self._ran:
-            self._ran = True
-            self._closed = True
-            self._cmds.clear()
-            self._teardown()
-            self._stopped.set()
-            return
-        self.stop(timeout)
-        if self._thread_id != _get_ident():
-            self.join()
-
-    def __enter__(self) -> TrioEngine:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    @property
-    def running(self) -> bool:
-        return self._started.is_set() and not self._stopped.is_set()
+    def _close_never_run(self, timeout: float) -> None:
+        self._teardown()
 
     async def _main(self, signals: bool) -> None:
         self._done = trio.Event()
@@ -608,82 +456,22 @@ class TrioEngine:
                 self._begin_shutdown(5.0)
 
     # ------------------------------------------------------------------ scheduling
-    def time(self) -> float:
-        return _monotonic()
-
-    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the engine's thread soon (thread-safe)."""
-        if _get_ident() == self._thread_id:
-            self._ready.append((fn, args))
-            self._wake_sched()
-        else:
-            self._post(fn, *args)
-
-    call_soon_threadsafe = call_soon
-
-    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
-        return self.call_at(_monotonic() + delay, fn, *args)
-
-    def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
-        """Run ``fn(*args)`` on the engine's thread at ``time()`` >= ``when``; returns a
-        handle with ``cancel()`` (usable from any thread)."""
-        h = TimerHandle(when, fn, args)
-        if _get_ident() == self._thread_id:
-            self._push_timer(h)
-        else:
-            self._post(self._push_timer, h)
-        return h
-
-    def _push_timer(self, h: TimerHandle) -> None:
-        heap = self._timers._heap
-        heapq.heappush(heap, h)
-        if heap[0] is h:
-            self._wake_sched()           # it may sleep until a later deadline
-
-    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Hand a call to the engine's thread (from any thread) and wake it."""
-        if self._closed:
-            raise EngineClosed("the engine is shut down")
-        self._cmds.append((fn, args))
-        if not self._wake_pending:
-            self._wake_pending = True
-            token = self._token
-            if token is not None:        # else the loop drains _cmds when it starts
-                try:
-                    token.run_sync_soon(self._run_cmds)
-                except trio.RunFinishedError:
-                    raise EngineClosed("the engine is shut down") from None
-
-    def _in_loop(self, fn: Callable[..., Any], *args: Any) -> None:
-        if _get_ident() == self._thread_id:
-            fn(*args)
-        else:
-            self._post(fn, *args)
+    def _wakeup(self) -> None:
+        token = self._token
+        if token is not None:        # else the loop drains _cmds when it starts
+            try:
+                token.run_sync_soon(self._run_cmds)
+            except trio.RunFinishedError:
+                raise EngineClosed("the engine is shut down") from None
 
     def _run_cmds(self) -> None:
         # Clear the flag first: a post after this line schedules another run.
         self._wake_pending = False
-        cmds = self._cmds
-        pop = cmds.popleft
-        for _ in range(min(len(cmds), _CMDS_PER_TURN)):
-            fn, args = pop()
-            try:
-                fn(*args)
-            except Exception:
-                logger.exception("call of %r raised", fn)
-        if cmds and not self._wake_pending and self._token is not None:
+        super()._run_cmds()
+        if self._cmds and not self._wake_pending and self._token is not None:
             # A thread posts faster than we run: let the other tasks have this turn.
             self._wake_pending = True
             self._token.run_sync_soon(self._run_cmds)
-
-    def _run_ready(self) -> None:
-        ready = self._ready
-        for _ in range(len(ready)):
-            fn, args = ready.popleft()
-            try:
-                fn(*args)
-            except Exception:
-                logger.exception("call of %r raised", fn)
 
     def _wake_sched(self) -> None:
         if self._sched_parked:
@@ -742,31 +530,6 @@ class TrioEngine:
             self._touched.append(p)
             self._wake_sched()
         b.append((c, kind, arg))
-
-    def _backpressure(self, p: WorkerPool, c: TrioConnection) -> None:
-        """The pool's queue is full: stop reading from this connection until it drains."""
-        if not c._bp_paused and not c._closing:
-            c._bp_paused = True
-            c._update_read()
-            p._paused_conns.append(c)
-        with p._cond:
-            if p.pending > p._low_water:
-                p.paused = True
-                return
-        self._resume_pool(p)   # the workers drained it meanwhile
-
-    def _resume_reading_for(self, p: WorkerPool) -> None:
-        """Called by a worker when its pool's queue is low again."""
-        try:
-            self._post(self._resume_pool, p)
-        except EngineClosed:
-            pass
-
-    def _resume_pool(self, p: WorkerPool) -> None:
-        paused, p._paused_conns = p._paused_conns, []
-        for c in paused:
-            c._bp_paused = False
-            c._update_read()
 
     # ------------------------------------------------------------------ connection tasks
     async def _reader(self, c: TrioConnection) -> None:
@@ -927,56 +690,19 @@ class TrioEngine:
     def _start_conn(self, c: TrioConnection, factory: Callable[[], Handler]) -> bool:
         """Make ``c``'s handler, deliver ``connection_made``, start its reader."""
         self._conns.add(c)
-        try:
-            h = factory()
-        except Exception as e:
-            logger.exception("handler factory raised; closing the new connection")
-            c._fail_exc = e
-            c._handler = Handler()
-            c._closing = True
+        if not c._make_handler(factory):
             self._ready.append((c._maybe_finish, ()))
             self._wake_sched()
             return False
-        c._handler = h
-        c._data_received = h.data_received
         c._tasks = 1
         self._nursery.start_soon(self._reader, c)
         self._deliver(c, MADE, None)
         return True
 
     # ------------------------------------------------------------------ servers
-    def serve_tcp(self, handler_factory: Callable[[], Handler], host: Optional[str] = "127.0.0.1",
-                  port: int = 0, *, workers: int = 0, backlog: int = 1024,
-                  reuse_port: bool = False, max_queue: int = 4096) -> TrioServer:
-        """Listen on ``host:port`` and serve each connection with ``handler_factory()``.
-
-        ``workers=0`` runs handlers on the engine's thread; ``workers=N`` runs them on N
-        worker threads (half-sync/half-async), at most ``max_queue`` events queued before
-        reading pauses. Binding happens now (errors raise here); accepting starts once
-        the engine runs. Callable from any thread."""
-        if self._closed or self._shutting:
-            raise EngineClosed("the engine is shut down")
-        socks = bind_tcp(host, port, backlog, reuse_port)
-        pool = None
-        if workers:
-            pool = WorkerPool(self, workers, max_queue)
-            self._pools.append(pool)
-        srv = TrioServer(self, socks, handler_factory, pool)
-        self._servers.append(srv)
-        try:
-            self._in_loop(srv._start)
-        except EngineClosed:
-            srv._close_socks()
-            raise
-        return srv
-
-    def connect_tcp(self, handler_factory: Callable[[], Handler], host: str, port: int,
-                    callback: Optional[Callable[[Op], Any]] = None, *,
-                    timeout: Optional[float] = None) -> Op:
-        """Open a client connection served by ``handler_factory()`` (on the engine's
-        thread). The returned op's result is the connection; the handler's
-        ``connection_made`` runs before ``callback``."""
-        family, _, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    def _connect_tcp(self, handler_factory: Callable[[], Handler], family: int, proto: int,
+                     addr: Any, callback: Optional[Callable[[Op], Any]],
+                     timeout: Optional[float]) -> Op:
         s = socket.socket(family, socket.SOCK_STREAM, proto)
         try:
             s.setblocking(False)
@@ -1078,13 +804,7 @@ class TrioEngine:
             self._ncompleted += 1
         op._resolve(value, exc)
 
-    def _cancel_op(self, op: Op) -> None:
-        if _get_ident() != self._thread_id:
-            self._post(self._cancel_op, op)
-            return
-        if op._done or op._cancel_req:
-            return
-        op._cancel_req = True          # before it started: _launch ends it at once
+    def _cancel_submitted(self, op: Op) -> None:
         rec = self._ops.get(op._index)
         if rec is not None and rec.op is op:
             rec.cancelled = True
@@ -1460,6 +1180,7 @@ class TrioEngine:
         self._check_loop("register_buffers")
         views = [self._view(b, writable=True) for b in buffers]
         self._registered = list(zip(buffers, views))
+        self._fixed_lens = [len(v) for v in views]
 
     def unregister_buffers(self) -> None:
         self._check_loop("unregister_buffers")
@@ -1468,37 +1189,27 @@ class TrioEngine:
         for _, mv in self._registered:
             mv.release()
         self._registered = []
+        self._fixed_lens = []
 
-    def _fixed(self, index: int, nbytes: int, buf_offset: int) -> memoryview:
-        if not 0 <= index < len(self._registered):
-            raise ValueError(f"no registered buffer {index}")
+    def _fixed_view(self, index: int, nbytes: int, buf_offset: int) -> memoryview:
+        """The checked range of registered buffer ``index``."""
         _, mv = self._registered[index]
-        if buf_offset < 0 or nbytes < 0 or buf_offset + nbytes > len(mv):
-            raise ValueError("range outside the registered buffer")
         return mv[buf_offset:buf_offset + nbytes]
 
-    def read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
-                   callback: Callable[[Op], Any], *, buf_offset: int = 0,
-                   timeout: Optional[float] = None) -> Op:
-        """Read into registered buffer ``index`` (from ``buf_offset``); result: bytes read.
-        A range outside the buffer raises ValueError."""
-        view = self._fixed(index, nbytes, buf_offset)
+    def _read_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                    callback: Callable[[Op], Any], buf_offset: int,
+                    timeout: Optional[float]) -> Op:
+        view = self._fixed_view(index, nbytes, buf_offset)
         op = self._new_op("read_fixed", callback, None, timeout)   # the engine pins
         # registered buffers itself
         return self._launch(op, fd, self._do_readinto, (fd, view, offset, False), timeout)
 
-    def write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
-                    callback: Callable[[Op], Any], *, buf_offset: int = 0,
-                    timeout: Optional[float] = None) -> Op:
-        """Write from registered buffer ``index`` (from ``buf_offset``); result: bytes
-        written. A range outside the buffer raises ValueError."""
-        view = self._fixed(index, nbytes, buf_offset)
+    def _write_fixed(self, fd: int, index: int, nbytes: int, offset: int,
+                     callback: Callable[[Op], Any], buf_offset: int,
+                     timeout: Optional[float]) -> Op:
+        view = self._fixed_view(index, nbytes, buf_offset)
         op = self._new_op("write_fixed", callback, None, timeout)
         return self._launch(op, fd, self._do_write, (fd, view, offset), timeout)
-
-    def _check_loop(self, what: str) -> None:
-        if _get_ident() != self._thread_id:
-            raise RuntimeError(f"{what}() must be called on the engine's thread")
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> Stats:
@@ -1516,13 +1227,9 @@ class TrioEngine:
         in_flight = (int(self._loop_running) + self._nlisten + self._nread + self._nwrite
                      + len(self._ops) + self._ntimed)
         done = self._ncompleted
-        return Stats(
-            backend=self.backend,
+        return self._stats(
             ops_submitted=done + in_flight, ops_completed=done, ops_in_flight=in_flight,
-            buffers_in_use=0, buffers_total=0,
-            pinned_objects=len(self._ops) + len(self._registered),
-            connections=len(self._conns),
-            queue_depth=sum(p.pending for p in self._pools),
+            buffers_in_use=0, buffers_total=0, connections=len(self._conns),
             bytes_in=self._bytes_in, bytes_out=self._bytes_out,
             send_queued=self._send_queued, cq_overflow=0,
         )
@@ -1590,9 +1297,7 @@ class TrioEngine:
         self._closed = True
         self._thread_id = None
         self._loop_running = False
-        for p in self._pools:
-            if not p.shutdown(timeout=5.0):
-                logger.error("worker threads did not finish within 5 s")
+        self._shutdown_pools()
         for srv in self._servers:       # servers of a never-run (or crashed) engine
             srv._closing = True
             srv._close_socks()
@@ -1603,6 +1308,7 @@ class TrioEngine:
         for _, mv in self._registered:
             mv.release()
         self._registered = []
+        self._fixed_lens = []
 
     def __repr__(self) -> str:
         state = "running" if self.running else "closed" if self._closed else "idle"
