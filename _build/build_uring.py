@@ -45,7 +45,7 @@ struct px_stats {
     uint64_t submitted; uint64_t completed; int64_t inflight;
     uint64_t bytes_in; uint64_t bytes_out;
     int64_t bufs_out; int64_t conns; int64_t send_queued;
-    int64_t ops; uint64_t cq_overflow; uint64_t enobufs; uint64_t sqe_full;
+    int64_t ops; uint64_t cq_overflow; uint64_t enobufs; uint64_t sqe_full; uint64_t ev_lost;
 };
 
 struct px_ring;
@@ -160,6 +160,7 @@ SOURCE = r"""
 #define PX_BGID 0
 #define PX_IOV_MAX 64
 #define PX_MAX_EVENTS 4096
+#define PX_SEND_MAX ((size_t)1 << 30)          /* bytes per send request */
 #define PX_CONN_BLOCK 1024
 #define PX_CONN_BLOCKS 1024                /* at most 1M connections per ring */
 #define PX_OP_BLOCK 256
@@ -173,7 +174,7 @@ struct px_stats {
     uint64_t submitted; uint64_t completed; int64_t inflight;
     uint64_t bytes_in; uint64_t bytes_out;
     int64_t bufs_out; int64_t conns; int64_t send_queued;
-    int64_t ops; uint64_t cq_overflow; uint64_t enobufs; uint64_t sqe_full;
+    int64_t ops; uint64_t cq_overflow; uint64_t enobufs; uint64_t sqe_full; uint64_t ev_lost;
 };
 
 /* One queued send: the bytes are copied in, so the caller's object is free at once;
@@ -184,6 +185,8 @@ enum {
     C_USED = 1, C_LISTENER = 2, C_READ = 4,     /* C_READ: recv wanted (not paused) */
     C_RECV_ARMED = 8, C_SENDING = 16, C_CLOSING = 32, C_ABORT = 64, C_EOF = 128,
     C_REARM = 256, C_DRAIN = 512, C_CANCEL_SENT = 1024,
+    C_FINISH = 2048,      /* queued to be finished at the next px_reap */
+    C_RETRY = 4096,       /* an SQE could not be had: send/cancel/accept again next turn */
 };
 
 struct px_conn {
@@ -225,6 +228,9 @@ struct px_ring {
     uint16_t *ret; unsigned nret;       /* buffers handed out this batch, returned next */
     int *rearm; unsigned nrearm;        /* recvs stopped by ENOBUFS, re-armed next batch */
     int *dead; unsigned ndead;          /* closed slots, reusable once Python saw it */
+    int *finish; unsigned nfinish;      /* slots to finish (close) at the next reap */
+    int in_reap;                        /* inside px_reap: events have reserved room */
+    int wake_retry;                     /* the wakeup read could not be armed */
     unsigned ndead_seen;                /* the first ndead_seen were in a returned batch */
     /* connection table */
     /* Connection slots live in fixed blocks that never move, so another thread may
@@ -261,6 +267,8 @@ static struct io_uring_sqe *px_sqe(struct px_ring *r)
 
 static void px_emit(struct px_ring *r, int type, int64_t id, int64_t res, int64_t aux)
 {
+    /* Callers reserve room (px_handle, the finish list); this only guards memory. */
+    if (r->nev >= PX_MAX_EVENTS) { r->st.ev_lost++; return; }
     struct px_event *e = &r->ev[r->nev++];
     e->type = type; e->id = id; e->res = res; e->aux = aux;
 }
@@ -324,6 +332,7 @@ int px_setup_bufring(struct px_ring *r, char *base, unsigned nbufs, unsigned buf
 static void px_arm_wake(struct px_ring *r)
 {
     struct io_uring_sqe *s = px_sqe(r);
+    r->wake_retry = !s;
     if (!s) return;
     io_uring_prep_read(s, r->wake_fd, r->wake_buf, sizeof r->wake_buf, 0);
     io_uring_sqe_set_data64(s, UD(PX_K_WAKE, 0));
@@ -333,9 +342,10 @@ static void px_arm_wake(struct px_ring *r)
 int px_stop_wakeup(struct px_ring *r)
 {
     if (r->wake_fd < 0) return 0;
-    r->wake_fd = -1;
     struct io_uring_sqe *s = px_sqe(r);
-    if (!s) return -EBUSY;
+    if (!s) return -EBUSY;              /* Python asks again next turn */
+    r->wake_fd = -1;
+    r->wake_retry = 0;
     io_uring_prep_cancel64(s, UD(PX_K_WAKE, 0), 0);
     io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, 0xffffffffu));
     return 0;
@@ -362,7 +372,7 @@ void px_destroy(struct px_ring *r)
     for (int b = 0; b < r->nops / PX_OP_BLOCK; b++) free(r->op_blocks[b]);
     if (r->probe) io_uring_free_probe(r->probe);
     for (int b = 0; b < r->nconns / PX_CONN_BLOCK; b++) free(r->blocks[b]);
-    free(r->fixed); free(r->ret); free(r->rearm); free(r->dead); free(r->op_dead); free(r);
+    free(r->fixed); free(r->ret); free(r->rearm); free(r->dead); free(r->finish); free(r->op_dead); free(r);
 }
 
 int px_inflight(struct px_ring *r) { return (int)r->st.inflight; }
@@ -375,22 +385,26 @@ struct px_event *px_events(struct px_ring *r) { return r->ev; }
 static int conn_alloc(struct px_ring *r, int fd, uint32_t flags)
 {
     if (r->conn_free < 0) {
-        int old = r->nconns;
+        int old = r->nconns, n = old + PX_CONN_BLOCK;
         if (old / PX_CONN_BLOCK >= PX_CONN_BLOCKS) return -EMFILE;
+        /* the side arrays first: they must hold every slot before a slot exists */
+        int *re = realloc(r->rearm, (size_t)n * sizeof(int));
+        if (!re) return -ENOMEM;
+        r->rearm = re;
+        int *de = realloc(r->dead, (size_t)n * sizeof(int));
+        if (!de) return -ENOMEM;
+        r->dead = de;
+        int *fi = realloc(r->finish, (size_t)n * sizeof(int));
+        if (!fi) return -ENOMEM;
+        r->finish = fi;
         struct px_conn *blk = calloc(PX_CONN_BLOCK, sizeof *blk);
         if (!blk) return -ENOMEM;
         r->blocks[old / PX_CONN_BLOCK] = blk;
-        r->nconns = old + PX_CONN_BLOCK;
-        for (int i = r->nconns - 1; i >= old; i--) {
+        r->nconns = n;
+        for (int i = n - 1; i >= old; i--) {
             CONN(r, i)->next_free = r->conn_free;
             r->conn_free = i;
         }
-        int *re = realloc(r->rearm, (size_t)r->nconns * sizeof(int));
-        if (!re) return -ENOMEM;
-        r->rearm = re;
-        int *de = realloc(r->dead, (size_t)r->nconns * sizeof(int));
-        if (!de) return -ENOMEM;
-        r->dead = de;
     }
     int slot = r->conn_free;
     struct px_conn *c = CONN(r, slot);
@@ -421,14 +435,20 @@ int px_conn_state(struct px_ring *r, int slot, int *inflight)
     return (int)CONN(r, slot)->flags;
 }
 
+/* An SQE for this slot could not be had (SQ full and the submit refused): put the slot
+ * on the list px_reap works through first next turn. */
+static void retry_later(struct px_ring *r, int slot, uint32_t flag)
+{
+    struct px_conn *c = CONN(r, slot);
+    if (!(c->flags & (C_REARM | C_RETRY))) r->rearm[r->nrearm++] = slot;
+    c->flags |= flag;
+}
+
 static void arm_recv(struct px_ring *r, int slot)
 {
     struct px_conn *c = CONN(r, slot);
     struct io_uring_sqe *s = px_sqe(r);
-    if (!s) {                       /* SQ full and refused: try again next turn */
-        if (!(c->flags & C_REARM)) { c->flags |= C_REARM; r->rearm[r->nrearm++] = slot; }
-        return;
-    }
+    if (!s) { retry_later(r, slot, C_REARM); return; }
     io_uring_prep_recv_multishot(s, c->fd, NULL, 0, 0);
     s->flags |= IOSQE_BUFFER_SELECT;
     s->buf_group = PX_BGID;
@@ -441,7 +461,7 @@ static void arm_accept(struct px_ring *r, int slot)
 {
     struct px_conn *c = CONN(r, slot);
     struct io_uring_sqe *s = px_sqe(r);
-    if (!s) return;
+    if (!s) { retry_later(r, slot, C_REARM); return; }
     io_uring_prep_multishot_accept(s, c->fd, NULL, NULL, SOCK_CLOEXEC);
     io_uring_sqe_set_data64(s, UD(PX_K_ACCEPT, slot));
     c->flags |= C_RECV_ARMED;
@@ -457,7 +477,7 @@ static void cancel_conn(struct px_ring *r, int slot)
     struct px_conn *c = CONN(r, slot);
     if (c->flags & C_CANCEL_SENT) return;
     struct io_uring_sqe *s = px_sqe(r);
-    if (!s) return;
+    if (!s) { retry_later(r, slot, C_RETRY); return; }
     io_uring_prep_cancel_fd(s, c->fd, IORING_ASYNC_CANCEL_ALL);
     io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, slot));
     c->flags |= C_CANCEL_SENT;
@@ -492,6 +512,16 @@ int px_conn_new(struct px_ring *r, int fd, int read)
 static void conn_finish(struct px_ring *r, int slot)
 {
     struct px_conn *c = CONN(r, slot);
+    if (!(c->flags & (C_ABORT | C_LISTENER))) {
+        /* Graceful: send our FIN after the data, and read what the peer has sent
+         * meanwhile: closing a socket with unread data makes the kernel answer with
+         * RST, which can destroy the reply we just sent before the peer reads it. (A
+         * full lingering close would also wait for the peer's FIN; not done.) */
+        char sink[16384];
+        shutdown(c->fd, SHUT_WR);
+        for (int i = 0; i < 64 && recv(c->fd, sink, sizeof sink, MSG_DONTWAIT) > 0; i++)
+            ;
+    }
     close(c->fd);
     struct px_chunk *ch = c->head;
     while (ch) { struct px_chunk *n = ch->next; free(ch); ch = n; }
@@ -512,7 +542,13 @@ static void conn_progress_close(struct px_ring *r, int slot)
     struct px_conn *c = CONN(r, slot);
     if (!(c->flags & C_CLOSING)) return;
     if (!(c->flags & C_ABORT) && c->head) return;      /* still flushing */
-    if (c->inflight == 0) { conn_finish(r, slot); return; }
+    if (c->inflight == 0) {
+        if (r->in_reap) { conn_finish(r, slot); return; }   /* room is reserved */
+        /* Called from Python between reaps (px_close): finish at the next reap, whose
+         * event array has room for it, never past the batch Python is reading. */
+        if (!(c->flags & C_FINISH)) { c->flags |= C_FINISH; r->finish[r->nfinish++] = slot; }
+        return;
+    }
     cancel_conn(r, slot);
 }
 
@@ -522,16 +558,23 @@ static void issue_send(struct px_ring *r, int slot)
 {
     struct px_conn *c = CONN(r, slot);
     struct io_uring_sqe *s = px_sqe(r);
-    if (!s) return;
+    if (!s) { retry_later(r, slot, C_RETRY); return; }
     struct px_chunk *ch = c->head;
+    /* at most PX_SEND_MAX per send: the SQE's length is 32 bits (a short send follows) */
     if (!ch->next) {
-        io_uring_prep_send(s, c->fd, ch->data + ch->off, ch->len - ch->off, MSG_NOSIGNAL);
+        size_t len = ch->len - ch->off;
+        io_uring_prep_send(s, c->fd, ch->data + ch->off, len < PX_SEND_MAX ? len : PX_SEND_MAX,
+                           MSG_NOSIGNAL);
         c->nsend = 1;
     } else {
         int n = 0;
-        for (; ch && n < PX_IOV_MAX; ch = ch->next, n++) {
+        size_t total = 0;
+        for (; ch && n < PX_IOV_MAX && total < PX_SEND_MAX; ch = ch->next, n++) {
+            size_t len = ch->len - ch->off;
+            if (len > PX_SEND_MAX - total) len = PX_SEND_MAX - total;
             c->iov[n].iov_base = ch->data + ch->off;
-            c->iov[n].iov_len = ch->len - ch->off;
+            c->iov[n].iov_len = len;
+            total += len;
         }
         memset(&c->msg, 0, sizeof c->msg);
         c->msg.msg_iov = c->iov;
@@ -603,7 +646,7 @@ static void cancel_recv(struct px_ring *r, int slot)
     struct px_conn *c = CONN(r, slot);
     if (!(c->flags & C_RECV_ARMED)) return;
     struct io_uring_sqe *s = px_sqe(r);
-    if (!s) return;
+    if (!s) { retry_later(r, slot, C_RETRY); return; }
     int kind = (c->flags & C_LISTENER) ? PX_K_ACCEPT : PX_K_RECV;
     io_uring_prep_cancel64(s, UD(kind, slot), 0);
     io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, slot));
@@ -651,7 +694,9 @@ static void on_accept(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
             px_emit(r, PX_EV_ACCEPT, slot, cqe->res, 0);
         }
         if (!more && !(c->flags & C_CLOSING)) arm_accept(r, slot);
-    } else if (cqe->res != -ECANCELED && !(c->flags & C_CLOSING)) {
+    } else if (cqe->res == -ECANCELED) {
+        if (!more && !(c->flags & C_CLOSING)) arm_accept(r, slot);   /* not our cancel */
+    } else if (!(c->flags & C_CLOSING)) {
         /* EMFILE and the like: Python decides when to re-arm (px_rearm_accept). */
         px_emit(r, PX_EV_ACCEPT, slot, cqe->res, 0);
     }
@@ -678,10 +723,9 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
     if (res == -ENOBUFS) {
         /* The pool ran dry; the data stays in the socket. Re-arm once buffers are back. */
         r->st.enobufs++;
-        if (!more && (c->flags & C_READ) && !(c->flags & C_REARM)) {
-            c->flags |= C_REARM;
-            r->rearm[r->nrearm++] = slot;
-        }
+        if (!more && (c->flags & C_READ))
+            retry_later(r, slot, C_REARM);
+        if ((c->flags & C_CLOSING) && !more) conn_progress_close(r, slot);
         return;
     }
     if (res <= 0 && res != -ECANCELED && !(c->flags & C_EOF)) {
@@ -708,6 +752,13 @@ static void on_send(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
         if (res == -EINTR || res == -EAGAIN) { issue_send(r, slot); return; }
         if (res != -ECANCELED) record_err(c, res, PX_K_SEND);
         /* the peer is gone or we aborted: drop the rest, then close */
+        c->flags |= C_CLOSING | C_ABORT;
+        c->flags &= ~C_READ;
+        conn_progress_close(r, slot);
+        return;
+    }
+    if (res == 0) {                     /* a send of >0 bytes never returns 0 */
+        record_err(c, -EIO, PX_K_SEND);
         c->flags |= C_CLOSING | C_ABORT;
         c->flags &= ~C_READ;
         conn_progress_close(r, slot);
@@ -831,9 +882,21 @@ static void px_return_buffers(struct px_ring *r)
     for (unsigned i = 0; i < n; i++) {
         int slot = r->rearm[i];
         struct px_conn *c = CONN(r, slot);
-        c->flags &= ~C_REARM;
-        if ((c->flags & C_READ) && !(c->flags & C_RECV_ARMED)) arm_recv(r, slot);
+        uint32_t f = c->flags;
+        c->flags &= ~(C_REARM | C_RETRY);
+        if (!(f & C_USED)) continue;
+        if (f & C_LISTENER) {
+            if ((f & C_REARM) && !(f & (C_CLOSING | C_RECV_ARMED))) arm_accept(r, slot);
+        } else if ((f & C_REARM) && (f & C_READ) && !(f & C_RECV_ARMED)) {
+            arm_recv(r, slot);
+        }
+        if (f & C_RETRY) {
+            if ((f & C_CLOSING) && !(f & C_READ) && (f & C_RECV_ARMED)) cancel_recv(r, slot);
+            if (c->head && !(c->flags & (C_SENDING | C_ABORT))) issue_send(r, slot);
+            conn_progress_close(r, slot);
+        }
     }
+    if (r->wake_retry && r->wake_fd >= 0) px_arm_wake(r);
 }
 
 /* One loop turn: return last batch's buffers, submit everything queued with a single
@@ -849,7 +912,18 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
     r->nev -= r->nev_taken;
     if (r->nev) memmove(r->ev, r->ev + r->nev_taken, (size_t)r->nev * sizeof *r->ev);
     r->nev_taken = 0;
-    if (r->nev || io_uring_cq_ready(&r->ring)) wait_nr = 0;
+    /* Connections closed between reaps with nothing in flight: finish them now, as far
+     * as the event array has room (the rest next time). */
+    unsigned nf = 0;
+    r->in_reap = 1;
+    while (nf < r->nfinish && r->nev < PX_MAX_EVENTS) {
+        int slot = r->finish[nf++];
+        CONN(r, slot)->flags &= ~C_FINISH;
+        conn_finish(r, slot);
+    }
+    r->nfinish -= nf;
+    memmove(r->finish, r->finish + nf, r->nfinish * sizeof(int));
+    if (r->nev || r->nfinish || io_uring_cq_ready(&r->ring)) wait_nr = 0;
     if (wait_nr == 0) {
         ret = io_uring_submit_and_get_events(&r->ring);
     } else {
@@ -865,8 +939,10 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
         }
         PyEval_RestoreThread(ts_save);
     }
-    if (ret < 0 && ret != -EINTR && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
+    if (ret < 0 && ret != -EINTR && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN) {
+        r->in_reap = 0;
         return ret;
+    }
     if (*r->ring.cq.koverflow) r->st.cq_overflow = *r->ring.cq.koverflow;
     struct io_uring_cqe *cqe;
     unsigned head, seen = 0;
@@ -878,6 +954,7 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
         io_uring_cq_advance(&r->ring, 1);
         seen++;
     }
+    r->in_reap = 0;
     r->nev_taken = r->nev;
     r->ndead_seen = r->ndead;
     return r->nev;
@@ -914,19 +991,15 @@ static int op_alloc(struct px_ring *r)
     return idx;
 }
 
-/* Finish preparing an op's SQE: tag it, and attach a linked timeout if asked. */
+/* Finish preparing an op's SQE: tag it, and attach a linked timeout if asked (op_sqe
+ * made room for both). */
 static int op_submit(struct px_ring *r, int idx, struct io_uring_sqe *s, int64_t tmo_ns)
 {
     struct px_op *o = OP(r, idx);
     io_uring_sqe_set_data64(s, UD(PX_K_OP, idx));
     if (tmo_ns >= 0) {
-        /* reserve the linked SQE now so the pair cannot be split by a full SQ */
-        if (io_uring_sq_space_left(&r->ring) < 1) {
-            /* cannot happen after px_sqe made room, but never link to a stranger */
-            return idx;
-        }
         s->flags |= IOSQE_IO_LINK;
-        struct io_uring_sqe *t = px_sqe(r);
+        struct io_uring_sqe *t = px_sqe(r);     /* cannot fail: op_sqe saw room for 2 */
         o->lts.tv_sec = tmo_ns / 1000000000;
         o->lts.tv_nsec = tmo_ns % 1000000000;
         io_uring_prep_link_timeout(t, &o->lts, 0);
@@ -936,11 +1009,26 @@ static int op_submit(struct px_ring *r, int idx, struct io_uring_sqe *s, int64_t
     return idx;
 }
 
-/* Get an SQE for an op, with room for its linked timeout when one is wanted. */
+/* Get an SQE for an op, with room for its linked timeout when one is wanted; NULL when
+ * the SQ has no room even after a submit (the op then fails with EBUSY). */
 static struct io_uring_sqe *op_sqe(struct px_ring *r, int64_t tmo_ns)
 {
-    if (tmo_ns >= 0 && io_uring_sq_space_left(&r->ring) < 2) io_uring_submit(&r->ring);
+    unsigned need = tmo_ns >= 0 ? 2 : 1;
+    if (io_uring_sq_space_left(&r->ring) < need) {
+        io_uring_submit(&r->ring);
+        if (io_uring_sq_space_left(&r->ring) < need) { r->st.sqe_full++; return NULL; }
+    }
     return px_sqe(r);
+}
+
+/* The op's record could not be completed (no memory): turn its SQE into an untracked
+ * NOP, free the record, and fail the call. */
+static int op_abandon(struct px_ring *r, int idx, struct io_uring_sqe *s, int err)
+{
+    io_uring_prep_nop(s);
+    io_uring_sqe_set_data64(s, UD(PX_K_CANCEL, 0xffffffffu));
+    op_free(r, idx);
+    return err;
 }
 
 #define OP_BEGIN(tmo)                                   \
@@ -1022,7 +1110,7 @@ int px_op_writev(struct px_ring *r, int fd, char **bufs, size_t *lens, int n, ui
 {
     if (n <= 0 || n > IOV_MAX) return -EINVAL;
     OP_BEGIN(tmo_ns)
-    if (op_fill_iov(o, bufs, lens, n)) { io_uring_prep_nop(s); op_submit(r, idx, s, -1); return -ENOMEM; }
+    if (op_fill_iov(o, bufs, lens, n)) return op_abandon(r, idx, s, -ENOMEM);
     io_uring_prep_writev(s, fd, o->iov, n, off);
     return op_submit(r, idx, s, tmo_ns);
 }
@@ -1032,7 +1120,7 @@ int px_op_sendmsg(struct px_ring *r, int fd, char **bufs, size_t *lens, int n, i
 {
     if (n <= 0 || n > IOV_MAX) return -EINVAL;
     OP_BEGIN(tmo_ns)
-    if (op_fill_iov(o, bufs, lens, n)) { io_uring_prep_nop(s); op_submit(r, idx, s, -1); return -ENOMEM; }
+    if (op_fill_iov(o, bufs, lens, n)) return op_abandon(r, idx, s, -ENOMEM);
     memset(&o->msg, 0, sizeof o->msg);
     o->msg.msg_iov = o->iov;
     o->msg.msg_iovlen = n;
@@ -1065,7 +1153,7 @@ int px_op_openat(struct px_ring *r, int dfd, const char *path, int flags, unsign
      * caller's object can go away only if we copy it: keep a copy in the op. */
     size_t n = strlen(path) + 1;
     o->iov = malloc(sizeof(struct iovec) + n);
-    if (!o->iov) { io_uring_prep_nop(s); op_submit(r, idx, s, -1); return -ENOMEM; }
+    if (!o->iov) return op_abandon(r, idx, s, -ENOMEM);
     char *copy = (char *)(o->iov + 1);
     memcpy(copy, path, n);
     io_uring_prep_openat(s, dfd, copy, flags | O_CLOEXEC, mode);

@@ -115,6 +115,9 @@ _KIND_NAMES = {1: "accept", 2: "recv", 3: "send", 4: "op"}
 _leaked: list = []
 
 _get_ident = threading.get_ident
+#: Bytes one read/write/send/recv asks for at most: Linux's MAX_RW_COUNT. Larger buffers
+#: get a short transfer, as with os.read/os.write (the SQE's length is 32 bits).
+_RW_MAX = 0x7FFFF000
 
 
 def _sockaddr(address: Any, family: int) -> bytes:
@@ -168,7 +171,10 @@ class UringConnection(BaseConnection):
         lib.px_send(self._r, self._slot, self._gen, data, len(data))
 
     def _queued_size(self) -> int:
-        return max(0, lib.px_send_queued(self._r, self._slot, self._gen))
+        with self._engine._life_lock:       # another thread may be asking while it closes
+            if self._closed:
+                return 0
+            return max(0, lib.px_send_queued(self._r, self._slot, self._gen))
 
     def _want_drain(self) -> bool:
         # The C layer reports EV_DRAINED (-> _on_drained) when the queue has gone out.
@@ -277,6 +283,7 @@ class UringEngine(BaseEngine):
         self._evq: Any = None
         self._shutdown: Optional[dict] = None
         self._final_stats: Optional[Stats] = None
+        self._life_lock = threading.Lock()   # held to free the ring, and to read it
 
     # ------------------------------------------------------------------ running
     def _run(self, handle_signals: bool) -> None:
@@ -610,16 +617,16 @@ class UringEngine(BaseEngine):
         buf = bytearray(nbytes)
         cbuf = ffi.from_buffer(buf)
         op = Op(self, "read", callback, (buf, cbuf), lambda n: bytes(memoryview(buf)[:n]))
-        return self._submit(op, lib.px_op_read, fd, cbuf, nbytes, offset & (2**64 - 1),
-                            self._tmo(timeout))
+        return self._submit(op, lib.px_op_read, fd, cbuf, min(nbytes, _RW_MAX),
+                            offset & (2**64 - 1), self._tmo(timeout))
 
     def readinto(self, fd: int, buf: Any, offset: int, callback: Callable[[Op], Any], *,
                  timeout: Optional[float] = None) -> Op:
         """Read into the writable buffer ``buf`` at ``offset``; result: bytes read."""
         cbuf = ffi.from_buffer(buf, require_writable=True)
         op = Op(self, "read", callback, (buf, cbuf), None)
-        return self._submit(op, lib.px_op_read, fd, cbuf, len(cbuf), offset & (2**64 - 1),
-                            self._tmo(timeout))
+        return self._submit(op, lib.px_op_read, fd, cbuf, min(len(cbuf), _RW_MAX),
+                            offset & (2**64 - 1), self._tmo(timeout))
 
     def write(self, fd: int, data: Any, offset: int, callback: Callable[[Op], Any], *,
               timeout: Optional[float] = None) -> Op:
@@ -627,8 +634,8 @@ class UringEngine(BaseEngine):
         (possibly fewer than asked, as with ``os.pwrite``)."""
         cbuf = ffi.from_buffer(data)
         op = Op(self, "write", callback, (data, cbuf), None)
-        return self._submit(op, lib.px_op_write, fd, cbuf, len(cbuf), offset & (2**64 - 1),
-                            self._tmo(timeout))
+        return self._submit(op, lib.px_op_write, fd, cbuf, min(len(cbuf), _RW_MAX),
+                            offset & (2**64 - 1), self._tmo(timeout))
 
     def writev(self, fd: int, buffers: list, offset: int, callback: Callable[[Op], Any], *,
                timeout: Optional[float] = None) -> Op:
@@ -658,7 +665,8 @@ class UringEngine(BaseEngine):
         """One send on a socket fd; result: bytes sent."""
         cbuf = ffi.from_buffer(data)
         op = Op(self, "send", callback, (data, cbuf), None)
-        return self._submit(op, lib.px_op_send, fd, cbuf, len(cbuf), flags, self._tmo(timeout))
+        return self._submit(op, lib.px_op_send, fd, cbuf, min(len(cbuf), _RW_MAX), flags,
+                            self._tmo(timeout))
 
     def recv(self, fd: int, nbytes: int, callback: Callable[[Op], Any], *, flags: int = 0,
              timeout: Optional[float] = None) -> Op:
@@ -666,7 +674,8 @@ class UringEngine(BaseEngine):
         buf = bytearray(nbytes)
         cbuf = ffi.from_buffer(buf)
         op = Op(self, "recv", callback, (buf, cbuf), lambda n: bytes(memoryview(buf)[:n]))
-        return self._submit(op, lib.px_op_recv, fd, cbuf, nbytes, flags, self._tmo(timeout))
+        return self._submit(op, lib.px_op_recv, fd, cbuf, min(nbytes, _RW_MAX), flags,
+                            self._tmo(timeout))
 
     def connect(self, fd: int, address: Any, callback: Callable[[Op], Any], *,
                 family: Optional[int] = None, timeout: Optional[float] = None) -> Op:
@@ -758,6 +767,10 @@ class UringEngine(BaseEngine):
     # ------------------------------------------------------------------ statistics
     def stats(self) -> Stats:
         """Counters, readable from any thread while the engine runs."""
+        with self._life_lock:        # the ring is not freed while we read it
+            return self._stats_locked()
+
+    def _stats_locked(self) -> Stats:
         r = self._r
         if r is None:
             if self._final_stats is not None:
@@ -811,7 +824,8 @@ class UringEngine(BaseEngine):
                 for idx, op in list(self._ops.items()):
                     op._cancel_req = True
                     lib.px_op_cancel(self._r, idx)
-                lib.px_stop_wakeup(self._r)
+            if not sd.get("wake_stopped"):
+                sd["wake_stopped"] = lib.px_stop_wakeup(self._r) == 0   # again if SQ full
             if (lib.px_inflight(self._r) == 0 and not self._ops
                     and not self._ready and not self._cmds):
                 return True
@@ -827,19 +841,23 @@ class UringEngine(BaseEngine):
         self._release()
 
     def _release(self) -> None:
-        if self._r is not None:
-            self._final_stats = self.stats()     # what stats() shows once closed
-        r = self._r
-        self._r = None
-        self._evq = None
-        if r is not None:
-            if lib.px_inflight(r) == 0:
-                lib.px_destroy(r)
-                ffi.release(self._pool_ptr)
-                self._pool_mem.close()
-            else:
-                _leaked.append((r, self._pool_mem, self._pool_ptr, self._ops,
-                                self._registered))
+        with self._life_lock:      # no other thread is reading the ring's memory now
+            if self._r is not None:
+                self._final_stats = self._stats_locked()   # what stats() shows once closed
+            r = self._r
+            self._r = None
+            self._evq = None
+            for c in self._conns:  # left open only if the loop died: no C calls on them
+                if isinstance(c, UringConnection):
+                    c._closing = c._closed = True
+            if r is not None:
+                if lib.px_inflight(r) == 0:
+                    lib.px_destroy(r)
+                    ffi.release(self._pool_ptr)
+                    self._pool_mem.close()
+                else:              # the kernel may still use it: keep it, forever
+                    _leaked.append((r, self._pool_mem, self._pool_ptr, self._ops,
+                                    self._registered))
         self._registered = []
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
