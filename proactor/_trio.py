@@ -149,6 +149,21 @@ _CMDS_PER_TURN = 1024
 _FILE, _STREAM, _SOCK = range(3)
 
 
+def _linger_lite(sock: socket.socket) -> None:
+    """Before a graceful close: send our FIN after the data and read what the peer sent
+    meanwhile. Closing a socket with unread data makes the kernel answer with RST, which
+    can destroy the reply just sent before the peer reads it. (As in the io_uring engine;
+    a full lingering close would also wait for the peer's FIN.)"""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        for _ in range(64):
+            if not sock.recv(16384):
+                break
+    except OSError:
+        pass
+
+
 class TrioConnection(BaseConnection):
     """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
     called from any thread; everything else from the handler (or the engine's thread)."""
@@ -288,6 +303,8 @@ class TrioConnection(BaseConnection):
             trio.lowlevel.notify_closing(sock)
         except Exception:  # noqa: BLE001 - nobody waits on it; closing is what matters
             pass
+        if not self._aborted:
+            _linger_lite(sock)
         sock.close()
         if self._drain_cbs:
             self._on_drained()

@@ -9,6 +9,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from support import (
@@ -390,3 +391,68 @@ def test_echo_after_many_closes(engine):
         s.close()
     echo_once(addr, b"last")
     wait_until(lambda: engine.stats().connections == 0, timeout=10)
+
+
+class ReplyThenClose(proactor.Handler):
+    """On b"GO": queue a large reply and close gracefully."""
+
+    reply = random.Random(21).randbytes(8 << 20)
+
+    def data_received(self, conn, data):
+        if data.startswith(b"GO") and not conn.closed:
+            conn.send(self.reply)
+            conn.close()
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_graceful_close_survives_unread_input(engine, extra):
+    """Bytes the peer sends after the server stopped reading (a pipelined request) must
+    not turn the graceful close into a reset that destroys the reply in flight."""
+    srv = engine.serve_tcp(ReplyThenClose, "127.0.0.1", 0)
+    with connect(("127.0.0.1", srv.port)) as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # the reply stays queued
+        c.sendall(b"GO")
+        time.sleep(0.05)
+        if extra:
+            c.sendall(b"a pipelined request the server never reads")
+        time.sleep(0.3)
+        got = recv_until_eof(c)
+    assert len(got) == len(ReplyThenClose.reply)
+    assert got == ReplyThenClose.reply
+
+
+class PausedCollector(proactor.Handler):
+    def __init__(self, conns: list, lost: list) -> None:
+        self.conns, self.lost = conns, lost
+
+    def connection_made(self, conn):
+        conn.pause_reading()
+        self.conns.append(conn)
+
+    def connection_lost(self, conn, exc):
+        self.lost.append(exc)
+
+
+@pytest.mark.slow
+def test_closing_thousands_at_once(engine):
+    """More connections closed in one engine callback than one batch of events holds
+    (4096): every one reports connection_lost exactly once."""
+    n = 4500
+    conns: list = []
+    lost: list = []
+    srv = engine.serve_tcp(lambda: PausedCollector(conns, lost), "127.0.0.1", 0, backlog=4096)
+    clients = []
+    try:
+        for _ in range(n):
+            clients.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+        wait_until(lambda: len(conns) == n, timeout=30, message="all accepted")
+
+        def close_all() -> None:
+            for c in conns:
+                c.close()
+        engine.call_soon(close_all)
+        wait_until(lambda: len(lost) == n, timeout=30, message="every connection_lost")
+        assert lost == [None] * n
+    finally:
+        for s in clients:
+            s.close()

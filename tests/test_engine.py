@@ -376,3 +376,38 @@ def test_connect_tcp_refused(engine):
     assert done.wait(10)
     with pytest.raises(ConnectionRefusedError):
         op.result()
+
+
+STATS_RACE = """
+import sys, threading, time
+sys.setswitchinterval(1e-6)            # switch threads as often as possible
+import proactor
+for _ in range(150):
+    eng = proactor.Engine(backend=sys.argv[1], entries=64, buffers=64, buffer_size=4096)
+    eng.start()
+    done = threading.Event()
+    def poll():
+        while not done.is_set():
+            eng.stats()
+    ts = [threading.Thread(target=poll) for _ in range(2)]
+    for t in ts:
+        t.start()
+    time.sleep(0.002)
+    eng.close()
+    done.set()
+    for t in ts:
+        t.join()
+    assert eng.stats().ops_in_flight == 0
+print("ok")
+"""
+
+
+def test_stats_from_other_threads_while_closing(backend):
+    """stats() may be called from any thread, also while the engine frees its ring. The
+    ring is large enough that glibc unmaps it when freed (forced here with a low mmap
+    threshold), so a read after the free would crash rather than read stale memory."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", STATS_RACE, backend], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok"
