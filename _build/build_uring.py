@@ -587,14 +587,15 @@ static void issue_send(struct px_ring *r, int slot)
     c->inflight++;
 }
 
-/* Queue `len` bytes (copied) for sending; sends start in order, one at a time. */
+/* Queue `len` bytes (copied) for sending; sends start in order, one at a time.
+ * Returns the bytes now queued on the connection (or -errno). */
 int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t len)
 {
     struct px_conn *c = conn_get(r, slot, gen);
     if (!c) return -EBADF;
     if (c->flags & C_CLOSING) return -EPIPE;
     if (c->err) return c->err;
-    if (len == 0) return 0;
+    if (len == 0) return c->queued > INT_MAX ? INT_MAX : (int)c->queued;
     struct px_chunk *ch = malloc(sizeof *ch + len);
     if (!ch) return -ENOMEM;
     memcpy(ch->data, data, len);
@@ -604,7 +605,7 @@ int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t 
     c->queued += len;
     r->st.send_queued += (int64_t)len;
     if (!(c->flags & C_SENDING)) issue_send(r, slot);
-    return 0;
+    return c->queued > INT_MAX ? INT_MAX : (int)c->queued;   /* for flow control */
 }
 
 int64_t px_send_queued(struct px_ring *r, int slot, uint32_t gen)

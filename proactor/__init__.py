@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._aio import EventLoopPolicy, ProactorEventLoop, install, new_event_loop, run
 from ._common import Handler, Op, Stats, TimerHandle, WorkerPool
 from ._errors import EngineClosed, ProactorError, UringUnavailable, os_error
 from ._select import Choice
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Engine", "choose_backend", "Choice", "Handler", "Op", "Stats", "TimerHandle", "WorkerPool",
     "EngineClosed", "ProactorError", "UringUnavailable", "os_error",
+    "new_event_loop", "install", "run", "EventLoopPolicy", "ProactorEventLoop",
 ]
 
 

@@ -1,0 +1,647 @@
+"""A drop-in asyncio event loop on proactor's io_uring engine (work in progress).
+
+How it fits together
+====================
+* :class:`ProactorEventLoop` is an :class:`asyncio.BaseEventLoop`: asyncio's own code
+  keeps the ready queue, the timer heap, executors, ``getaddrinfo``, the happy-eyeballs
+  logic of ``create_connection``, ``Server`` objects, TLS (``sslproto``) and ``start_tls``.
+  What a selector loop does with ``epoll``, this loop does with the engine's ring: the
+  "selector" whose ``select(timeout)`` ``BaseEventLoop._run_once`` calls is one turn of
+  the ring (submit, wait, harvest, dispatch). Completions are dispatched inside that
+  call, straight to protocols and futures, as uvloop does from libuv callbacks.
+* One ring per loop, set up on the thread that creates the loop, which must be the
+  thread that runs it (the ring is ``SINGLE_ISSUER``).
+* TCP transports are the engine's connections: multishot recv into the provided-buffer
+  ring and the C send queue, so ``data_received``/``write`` cost what they cost in the
+  handler API. A transport is the engine-level handler of its connection.
+* The engine's memory rule holds: a buffer handed to the kernel (``sock_recv_into``'s
+  target, ``sock_sendall``'s data) stays referenced by its op until the op's final
+  completion, also when the awaiting task is cancelled (the op is cancelled, its
+  completion still awaited by the engine).
+* ``add_reader``/``add_writer`` are one-shot poll requests re-armed after each callback.
+
+Not implemented yet (``loop._proactor_features`` lists what is): datagram endpoints,
+Unix sockets, pipes, subprocesses, signal handlers, native ``sendfile``.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import select
+import signal
+import socket
+import threading
+import time
+import warnings
+from asyncio import base_events, sslproto, transports
+from typing import Any, Callable, Optional
+
+from ._errors import os_error
+
+logger = logging.getLogger("proactor")
+
+__all__ = ["ProactorEventLoop", "new_event_loop", "EventLoopPolicy", "install", "run"]
+
+#: What this loop implements, for tests and callers that want to know.
+FEATURES = frozenset({"tcp", "tls", "sock", "readers", "executor", "streams"})
+
+_MAX_WRITE_WARNINGS = 5
+
+
+class _RingSelector:
+    """What ``BaseEventLoop._run_once`` calls the selector: one turn of the ring."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def select(self, timeout: Optional[float] = None) -> list:
+        eng = self._engine
+        if eng._cmds:
+            eng._run_cmds()
+            timeout = 0
+        if eng._ready:
+            eng._run_ready()
+            timeout = 0
+        heap = eng._timers._heap
+        if heap:
+            now = time.monotonic()
+            eng._timers.run_due(now)
+            t = eng._timers.timeout(now)
+            if t is not None and (timeout is None or t < timeout):
+                timeout = t
+        if timeout is None:
+            n = eng._reap(eng._r, 1, -1)
+        elif timeout <= 0:
+            n = eng._reap(eng._r, 0, -1)
+        else:
+            n = eng._reap(eng._r, 1, int(timeout * 1e9))
+        if n > 0:
+            eng._dispatch(n)
+        elif n < 0:
+            raise os_error(n, "io_uring_enter")
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class _UringTransport(transports._FlowControlMixin, transports.Transport):
+    """A TCP transport over one engine connection; also that connection's handler."""
+
+    def __init__(self, loop: ProactorEventLoop, sock: Optional[socket.socket], protocol: Any,
+                 waiter: Optional[asyncio.Future] = None, extra: Optional[dict] = None,
+                 server: Any = None) -> None:
+        super().__init__(extra, loop)
+        self._loop = loop
+        self._sock = sock
+        self._conn: Any = None
+        self._server = server
+        self._waiter = waiter
+        self._closing = False
+        self._lost = False
+        self._eof = False
+        self._paused = False
+        self._write_warnings = 0
+        self.set_protocol(protocol)
+        if server is not None:
+            server._attach()
+
+    # -- the engine-level handler
+    def connection_made(self, conn: Any) -> None:
+        self._conn = conn
+        if self._sock is None:                 # accepted by the engine: a view of its fd
+            self._sock = socket.socket(fileno=conn._fd)
+        sock = self._sock
+        self._extra["socket"] = asyncio.trsock.TransportSocket(sock)
+        try:
+            self._extra["sockname"] = sock.getsockname()
+        except OSError:
+            self._extra["sockname"] = None
+        try:
+            self._extra["peername"] = sock.getpeername()
+        except OSError:
+            self._extra["peername"] = None
+        self._loop.call_soon(self._protocol.connection_made, self)
+        if self._waiter is not None:
+            self._loop.call_soon(_set_result_unless_cancelled, self._waiter, None)
+
+    def _on_data(self, conn: Any, data: bytes) -> None:
+        try:
+            self._data_cb(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _on_data_buffered(self, conn: Any, data: bytes) -> None:
+        proto = self._protocol
+        try:
+            view = memoryview(data)
+            while view:
+                buf = proto.get_buffer(len(view))
+                n = min(len(buf), len(view))
+                if not n:
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+                buf[:n] = view[:n]
+                proto.buffer_updated(n)
+                view = view[n:]
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+
+    def data_received(self, conn: Any, data: bytes) -> None:   # not used: see _on_data
+        self._on_data(conn, data)
+
+    def eof_received(self, conn: Any) -> None:
+        self._eof = True
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    def connection_lost(self, conn: Any, exc: Optional[BaseException]) -> None:
+        """The engine closed the fd (after every request on it completed)."""
+        self._closing = True
+        if self._sock is not None:
+            self._sock.detach()                # the fd is closed already
+        if not self._lost:
+            self._lost = True
+            self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: Optional[BaseException]) -> None:
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._protocol = None
+            server = self._server
+            if server is not None:
+                server._detach()
+                self._server = None
+
+    # -- asyncio.Transport
+    def set_protocol(self, protocol: Any) -> None:
+        self._protocol = protocol
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            self._data_cb = None
+            self._on = self._on_data_buffered
+        else:
+            self._data_cb = protocol.data_received
+            self._on = self._on_data
+        if self._conn is not None:
+            self._conn._data_received = self._on
+
+    def get_protocol(self) -> Any:
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not (self._paused or self._closing)
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        self._conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        self._conn.resume_reading()
+
+    def write(self, data: Any) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data argument must be a bytes-like object, "
+                            f"not {type(data).__name__!r}")
+        if self._eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._closing or self._conn is None:
+            if self._write_warnings >= _MAX_WRITE_WARNINGS:
+                logger.warning("socket.send() raised exception.")
+            self._write_warnings += 1
+            return
+        if type(data) is not bytes:
+            data = bytes(data)
+        if not data:
+            return
+        conn = self._conn
+        queued = _px_send(conn._r, conn._slot, conn._gen, data, len(data))
+        if queued > self._high_water and not self._protocol_paused:
+            self._maybe_pause_protocol()
+            if self._protocol_paused:
+                conn.when_drained(self._maybe_resume_protocol)
+
+    _eof_written = False
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_written:
+            return
+        self._eof_written = True
+        conn = self._conn
+        conn.when_drained(self._shutdown_write)
+
+    def _shutdown_write(self) -> None:
+        if self._sock is not None and not self._conn._closed:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def get_write_buffer_size(self) -> int:
+        return self._conn.get_write_buffer_size() if self._conn is not None else 0
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._conn is not None:
+            self._conn.close()                 # queued data goes out first
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._conn is not None:
+            self._conn.abort()
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,
+                                                       errno.ECONNABORTED):
+            if self._loop.get_debug():
+                logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler({
+                "message": message, "exception": exc, "transport": self,
+                "protocol": self._protocol,
+            })
+        self.abort()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if self._conn is not None and not self._closing:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._lost else "closing" if self._closing else "open"
+        fd = self._conn._fd if self._conn is not None else -1
+        return f"<_UringTransport fd={fd} {state}>"
+
+
+def _set_result_unless_cancelled(fut: asyncio.Future, result: Any) -> None:
+    if not fut.cancelled():
+        fut.set_result(result)
+
+
+def _future_from_op(loop: ProactorEventLoop, start: Callable[[Callable[[Any], None]], Any]
+                    ) -> tuple[asyncio.Future, Any]:
+    """Start an engine op whose completion resolves a new future."""
+    fut = loop.create_future()
+
+    def done(op: Any) -> None:
+        if fut.done():
+            return
+        exc = op.exception()
+        if exc is not None:
+            if isinstance(exc, OSError) and exc.errno == errno.ECANCELED:
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
+        else:
+            fut.set_result(op.result())
+
+    return fut, start(done)
+
+
+class ProactorEventLoop(base_events.BaseEventLoop):
+    """An asyncio event loop whose I/O goes through an io_uring engine (see the module
+    docstring)."""
+
+    _proactor_features = FEATURES
+
+    def __init__(self, **engine_options: Any) -> None:
+        from ._io_uring import UringEngine, lib
+        from ._io_uring import _px_send as px_send
+
+        global _px_send
+        _px_send = px_send
+        super().__init__()
+        eng = UringEngine(**engine_options)
+        eng._thread_id = threading.get_ident()
+        eng._setup()
+        eng._reap = lib.px_reap
+        self._engine = eng
+        self._lib = lib
+        self._selector = _RingSelector(eng)
+        self._listeners: dict[int, Any] = {}
+        self._readers: dict[int, list] = {}
+        self._writers: dict[int, list] = {}
+
+    # -- BaseEventLoop hooks
+    def _process_events(self, event_list: list) -> None:
+        pass                                   # dispatched inside select()
+
+    def _write_to_self(self) -> None:
+        self._engine._wakeup()
+
+    def run_forever(self) -> None:
+        eng = self._engine
+        if eng._thread_id != threading.get_ident():
+            raise RuntimeError("a proactor loop runs on the thread that created it")
+        restore = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                old = signal.set_wakeup_fd(eng._wake_w, warn_on_full_buffer=False)
+                restore = old
+            except ValueError:
+                restore = None
+        try:
+            super().run_forever()
+        finally:
+            if restore is not None:
+                signal.set_wakeup_fd(restore)
+
+    def close(self) -> None:
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        if self.is_closed():
+            return
+        self._close_engine()
+        super().close()
+
+    def _close_engine(self) -> None:
+        """Close what is still open and wait for every request's final completion."""
+        from ._io_uring import UringConnection, UringServer
+
+        eng = self._engine
+        lib = self._lib
+        for lst in list(self._listeners.values()):
+            lst.close()
+        self._listeners.clear()
+        for c in list(eng._conns):
+            if isinstance(c, UringConnection) and not c._closed:
+                c.abort()
+            elif isinstance(c, UringServer):
+                c.close()
+        for idx, op in list(eng._ops.items()):
+            op._cancel_req = True
+            lib.px_op_cancel(eng._r, idx)
+        wake_stopped = False
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if not wake_stopped:
+                wake_stopped = lib.px_stop_wakeup(eng._r) == 0
+            eng._run_cmds()
+            eng._run_ready()
+            if lib.px_inflight(eng._r) == 0 and not eng._ops:
+                break
+            n = eng._reap(eng._r, 1, 20_000_000)
+            if n > 0:
+                eng._dispatch(n)
+        eng._closed = True
+        eng._release()
+
+    # -- transports
+    def _make_socket_transport(self, sock: socket.socket, protocol: Any,
+                               waiter: Optional[asyncio.Future] = None, *,
+                               extra: Optional[dict] = None, server: Any = None) -> Any:
+        from ._io_uring import UringConnection
+
+        eng = self._engine
+        lib = self._lib
+        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET,
+                                                              socket.AF_INET6):
+            base_events._set_nodelay(sock)
+        fd = sock.fileno()
+        slot = lib.px_conn_new(eng._r, fd, 1)
+        if slot < 0:
+            raise os_error(slot, "register socket")
+        conn = UringConnection(eng, slot, lib.px_conn_gen(eng._r, slot), fd, None, None)
+        eng._set_conn(slot, conn)
+        tr = _UringTransport(self, sock, protocol, waiter, extra, server)
+        conn._handler = tr
+        conn._data_received = tr._on
+        tr.connection_made(conn)
+        return tr
+
+    def _make_ssl_transport(self, rawsock: socket.socket, protocol: Any, sslcontext: Any,
+                            waiter: Optional[asyncio.Future] = None, *,
+                            server_side: bool = False, server_hostname: Optional[str] = None,
+                            extra: Optional[dict] = None, server: Any = None,
+                            ssl_handshake_timeout: Optional[float] = None,
+                            ssl_shutdown_timeout: Optional[float] = None,
+                            call_connection_made: bool = True) -> Any:
+        ssl_protocol = sslproto.SSLProtocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+            call_connection_made=call_connection_made)
+        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
+        return ssl_protocol._app_transport
+
+    # -- servers
+    def _start_serving(self, protocol_factory: Callable[[], Any], sock: socket.socket,
+                       sslcontext: Any = None, server: Any = None, backlog: int = 100,
+                       ssl_handshake_timeout: Optional[float] = None,
+                       ssl_shutdown_timeout: Optional[float] = None) -> None:
+        from ._io_uring import UringServer
+
+        def factory() -> _UringTransport:
+            protocol = protocol_factory()
+            if sslcontext is not None:
+                protocol = sslproto.SSLProtocol(
+                    self, protocol, sslcontext, None, True, None,
+                    ssl_handshake_timeout=ssl_handshake_timeout,
+                    ssl_shutdown_timeout=ssl_shutdown_timeout)
+            return _UringTransport(self, None, protocol, server=server)
+
+        # The ring listens on a duplicate of the socket: the Server keeps its socket
+        # object (server.sockets, getsockname); _stop_serving closes both.
+        listener = UringServer(self._engine, [sock.dup()], factory, None)
+        listener._start()
+        self._listeners[sock.fileno()] = listener
+
+    def _stop_serving(self, sock: socket.socket) -> None:
+        listener = self._listeners.pop(sock.fileno(), None)
+        if listener is not None:
+            listener.close()                   # the ring's duplicate
+        sock.close()                           # the caller's socket (as selector loops do)
+
+    # -- socket operations
+    def _check_sock(self, sock: socket.socket) -> None:
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+
+    async def sock_recv(self, sock: socket.socket, n: int) -> bytes:
+        self._check_sock(sock)
+        fut, op = _future_from_op(self, lambda cb: self._engine.recv(sock.fileno(), n, cb))
+        return await _await_op(fut, op)
+
+    async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
+        self._check_sock(sock)
+        fut, op = _future_from_op(
+            self, lambda cb: self._engine.readinto(sock.fileno(), buf, 0, cb))
+        return await _await_op(fut, op)
+
+    async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
+        self._check_sock(sock)
+        view = memoryview(data).cast("B")
+        while view:
+            chunk = view
+            fut, op = _future_from_op(
+                self, lambda cb: self._engine.send(sock.fileno(), chunk, cb))
+            n = await _await_op(fut, op)
+            view = view[n:]
+
+    async def sock_connect(self, sock: socket.socket, address: Any) -> None:
+        self._check_sock(sock)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            resolved = await self._ensure_resolved(address, family=sock.family,
+                                                   type=sock.type, proto=sock.proto, loop=self)
+            address = resolved[0][4]
+        fut, op = _future_from_op(self, lambda cb: self._engine.connect(
+            sock.fileno(), address, cb, family=sock.family))
+        await _await_op(fut, op)
+
+    async def sock_accept(self, sock: socket.socket) -> tuple:
+        self._check_sock(sock)
+        fut, op = _future_from_op(self, lambda cb: self._engine.accept(sock.fileno(), cb))
+        fd = await _await_op(fut, op)
+        conn = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+        conn.setblocking(False)
+        try:
+            address = conn.getpeername()
+        except OSError:
+            address = None
+        return conn, address
+
+    # -- readiness callbacks
+    def add_reader(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
+        self._add_poller(self._readers, _fileno(fd), select.POLLIN, callback, args)
+
+    def remove_reader(self, fd: Any) -> bool:
+        return self._remove_poller(self._readers, _fileno(fd))
+
+    def add_writer(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
+        self._add_poller(self._writers, _fileno(fd), select.POLLOUT, callback, args)
+
+    def remove_writer(self, fd: Any) -> bool:
+        return self._remove_poller(self._writers, _fileno(fd))
+
+    _add_reader = add_reader
+    _remove_reader = remove_reader
+    _add_writer = add_writer
+    _remove_writer = remove_writer
+
+    def _add_poller(self, table: dict, fd: int, mask: int, callback: Callable[..., Any],
+                    args: tuple) -> None:
+        self._check_closed()
+        handle = asyncio.Handle(callback, args, self, None)
+        old = table.get(fd)
+        table[fd] = [handle, None, mask]
+        if old is not None:
+            old[0].cancel()
+            if old[1] is not None:
+                old[1].cancel()
+        self._arm_poller(table, fd)
+
+    def _arm_poller(self, table: dict, fd: int) -> None:
+        ent = table.get(fd)
+        if ent is None or ent[1] is not None:
+            return
+        op_box: list = []
+
+        def done(op: Any) -> None:
+            e = table.get(fd)
+            if e is None or e[1] is not op_box[0]:
+                return                         # removed or replaced meanwhile
+            e[1] = None
+            if op.exception() is None:
+                self.call_soon(self._run_poller, table, fd, e[0])
+
+        op_box.append(self._engine.poll(fd, ent[2], done))
+        ent[1] = op_box[0]
+
+    def _run_poller(self, table: dict, fd: int, handle: asyncio.Handle) -> None:
+        e = table.get(fd)
+        if e is None or e[0] is not handle or handle.cancelled():
+            return
+        handle._run()
+        e = table.get(fd)
+        if e is not None and e[0] is handle:
+            self._arm_poller(table, fd)        # level-triggered: fires again if still ready
+
+    def _remove_poller(self, table: dict, fd: int) -> bool:
+        ent = table.pop(fd, None)
+        if ent is None:
+            return False
+        ent[0].cancel()
+        if ent[1] is not None:
+            ent[1].cancel()
+        return True
+
+
+async def _await_op(fut: asyncio.Future, op: Any) -> Any:
+    """Await an op's future; if the awaiting task is cancelled, cancel the op too (its
+    buffers stay with the op until the kernel's final completion)."""
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        op.cancel()
+        raise
+
+
+def _fileno(fd: Any) -> int:
+    if isinstance(fd, int):
+        return fd
+    return int(fd.fileno())
+
+
+_px_send: Any = None
+
+
+def new_event_loop(**engine_options: Any) -> asyncio.AbstractEventLoop:
+    """A :class:`ProactorEventLoop` where io_uring works, else asyncio's own loop (the
+    reason is logged once, as for engines)."""
+    from ._select import choose
+
+    if choose().backend == "uring":
+        return ProactorEventLoop(**engine_options)
+    return asyncio.new_event_loop()
+
+
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """``asyncio.set_event_loop_policy(proactor.EventLoopPolicy())``."""
+
+    def _loop_factory(self) -> asyncio.AbstractEventLoop:  # type: ignore[override]
+        return new_event_loop()
+
+
+def install() -> None:
+    """Make proactor's loop asyncio's default (like ``uvloop.install()``)."""
+    asyncio.set_event_loop_policy(EventLoopPolicy())
+
+
+def run(main: Any, *, debug: Optional[bool] = None) -> Any:
+    """``asyncio.run(main)`` on proactor's loop."""
+    if hasattr(asyncio, "Runner"):
+        with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
+            return runner.run(main)
+    old = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(EventLoopPolicy())
+    try:
+        return asyncio.run(main, debug=debug)
+    finally:
+        asyncio.set_event_loop_policy(old)
+
