@@ -632,6 +632,9 @@ int px_close(struct px_ring *r, int slot, uint32_t gen, int abort)
     struct px_conn *c = conn_get(r, slot, gen);
     if (!c) return -EBADF;
     if (!(c->flags & C_CLOSING)) {
+        /* A listener stops listening now, not when its accept's cancel completes: a
+         * client connecting after close() is refused. */
+        if (c->flags & C_LISTENER) shutdown(c->fd, SHUT_RDWR);
         c->flags |= C_CLOSING;
         if (c->flags & C_READ) cancel_recv(r, slot);   /* stop reading now */
         c->flags &= ~C_READ;

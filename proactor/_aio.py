@@ -52,8 +52,9 @@ _MAX_WRITE_WARNINGS = 5
 class _RingSelector:
     """What ``BaseEventLoop._run_once`` calls the selector: one turn of the ring."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, loop: ProactorEventLoop) -> None:
         self._engine = engine
+        self._loop = loop
 
     def select(self, timeout: Optional[float] = None) -> list:
         eng = self._engine
@@ -80,6 +81,11 @@ class _RingSelector:
             eng._dispatch(n)
         elif n < 0:
             raise os_error(n, "io_uring_enter")
+        checks = self._loop._write_checks
+        if checks:
+            self._loop._write_checks = []
+            for tr in checks:
+                tr._check_write_buffer()
         return []
 
     def close(self) -> None:
@@ -88,6 +94,8 @@ class _RingSelector:
 
 class _UringTransport(transports._FlowControlMixin, transports.Transport):
     """A TCP transport over one engine connection; also that connection's handler."""
+
+    _start_tls_compatible = True
 
     def __init__(self, loop: ProactorEventLoop, sock: Optional[socket.socket], protocol: Any,
                  waiter: Optional[asyncio.Future] = None, extra: Optional[dict] = None,
@@ -102,6 +110,10 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._lost = False
         self._eof = False
         self._paused = False
+        self._made = False                 # protocol.connection_made has run
+        self._hold = True                  # not made yet, or paused: keep what is read
+        self._held: list = []              # ... here, delivered in order later
+        self._held_eof = False
         self._write_warnings = 0
         self.set_protocol(protocol)
         if server is not None:
@@ -110,6 +122,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
     # -- the engine-level handler
     def connection_made(self, conn: Any) -> None:
         self._conn = conn
+        conn._data_received = self._on
         if self._sock is None:                 # accepted by the engine: a view of its fd
             self._sock = socket.socket(fileno=conn._fd)
         sock = self._sock
@@ -122,11 +135,22 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             self._extra["peername"] = sock.getpeername()
         except OSError:
             self._extra["peername"] = None
-        self._loop.call_soon(self._protocol.connection_made, self)
+        self._loop.call_soon(self._call_connection_made)
         if self._waiter is not None:
             self._loop.call_soon(_set_result_unless_cancelled, self._waiter, None)
 
+    def _call_connection_made(self) -> None:
+        self._made = True
+        self._protocol.connection_made(self)
+        if not self._paused:
+            self._deliver_held()
+
     def _on_data(self, conn: Any, data: bytes) -> None:
+        if self._hold:
+            # read before connection_made ran, or before the pause took effect in the
+            # ring: kept, and handed over in order when the protocol may have it
+            self._held.append(data)
+            return
         try:
             self._data_cb(data)
         except (SystemExit, KeyboardInterrupt):
@@ -135,6 +159,9 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
     def _on_data_buffered(self, conn: Any, data: bytes) -> None:
+        if self._hold:
+            self._held.append(data)
+            return
         proto = self._protocol
         try:
             view = memoryview(data)
@@ -151,10 +178,13 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
 
-    def data_received(self, conn: Any, data: bytes) -> None:   # not used: see _on_data
-        self._on_data(conn, data)
+    def data_received(self, conn: Any, data: bytes) -> None:   # not used: see _on
+        self._on(conn, data)
 
     def eof_received(self, conn: Any) -> None:
+        if self._hold:
+            self._held_eof = True
+            return
         self._eof = True
         try:
             keep_open = self._protocol.eof_received()
@@ -210,13 +240,34 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         if self._closing or self._paused:
             return
         self._paused = True
+        self._hold = True
         self._conn.pause_reading()
 
     def resume_reading(self) -> None:
         if self._closing or not self._paused:
             return
         self._paused = False
+        if self._made:
+            if self._held or self._held_eof:
+                self._loop.call_soon(self._deliver_held)   # still holding until then
+            else:
+                self._hold = False
         self._conn.resume_reading()
+
+    def _deliver_held(self) -> None:
+        """Hand over what was held, in order; new data queues behind it until the held
+        queue is empty. Stops if the protocol pauses again."""
+        while self._held and not self._paused and not self._lost:
+            data = self._held.pop(0)
+            self._hold = False
+            try:
+                self._on(self._conn, data)
+            finally:
+                self._hold = True
+        self._hold = self._paused or not self._made
+        if self._held_eof and not self._held and not self._hold and not self._lost:
+            self._held_eof = False
+            self.eof_received(self._conn)
 
     def write(self, data: Any) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -236,11 +287,28 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         conn = self._conn
         queued = _px_send(conn._r, conn._slot, conn._gen, data, len(data))
         if queued > self._high_water and not self._protocol_paused:
-            self._maybe_pause_protocol()
-            if self._protocol_paused:
-                conn.when_drained(self._maybe_resume_protocol)
+            # Judge after the ring's next turn: the kernel may take it all at once (a
+            # selector loop's write() tries the socket first, too).
+            self._loop._write_checks.append(self)
 
     _eof_written = False
+
+    def _check_write_buffer(self) -> None:
+        """After a ring turn: still above the high-water mark? Then pause the protocol
+        until everything has gone out."""
+        if self._protocol_paused or self._lost or self._conn is None:
+            return
+        self._maybe_pause_protocol()
+        if self._protocol_paused:
+            self._conn.when_drained(self._drained)
+
+    def _drained(self) -> None:
+        """Everything written has gone out: resume a paused protocol (if it is still
+        there: the connection may have been lost meanwhile)."""
+        if self._protocol is not None and not self._lost:
+            self._maybe_resume_protocol()
+            if self._protocol_paused and self._conn is not None:
+                self._conn.when_drained(self._drained)   # written more since: wait again
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -276,6 +344,10 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         if self._conn is not None:
             self._conn.abort()
+
+    def _force_close(self, exc: Optional[BaseException]) -> None:
+        """Used by sslproto: close now."""
+        self.abort()
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,
@@ -343,7 +415,8 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         eng._reap = lib.px_reap
         self._engine = eng
         self._lib = lib
-        self._selector = _RingSelector(eng)
+        self._selector = _RingSelector(eng, self)
+        self._write_checks: list = []      # transports that wrote past their high mark
         self._listeners: dict[int, Any] = {}
         self._readers: dict[int, list] = {}
         self._writers: dict[int, list] = {}
