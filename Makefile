@@ -28,11 +28,12 @@ deps:
 	command -v cc >/dev/null 2>&1 || need="$$need gcc libc6-dev"; \
 	command -v taskset >/dev/null 2>&1 || need="$$need util-linux"; \
 	command -v curl >/dev/null 2>&1 || need="$$need curl"; \
+	command -v openssl >/dev/null 2>&1 || need="$$need openssl"; \
 	if [ -n "$$need" ]; then \
 	    echo "deps: installing$$need"; \
 	    $(SUDO) apt-get update && $(APT_INSTALL) $$need; \
 	else \
-	    echo "deps: liburing-dev, cc, taskset, curl present"; \
+	    echo "deps: liburing-dev, cc, taskset, curl, openssl present"; \
 	fi
 
 venv .venv: $(STAMP)

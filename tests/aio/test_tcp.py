@@ -1,0 +1,875 @@
+"""TCP with protocols and transports: servers, echo, transport API, flow control,
+BufferedProtocol, refused connections, many clients."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+
+import pytest
+
+from .utils import (
+    CollectProtocol,
+    EchoServerProtocol,
+    MiB,
+    ipv6_loopback_available,
+    payload,
+    refused_address,
+    run,
+    wait_for_condition,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+SIZES = [0, 1, 100, 65535, 65536, 65537, 1 * MiB + 3, 5 * MiB + 7]
+
+
+async def echo_roundtrip(loop, host, port, data):
+    tr, proto = await loop.create_connection(lambda: CollectProtocol(loop), host, port)
+    if data:
+        tr.write(data)
+    assert tr.can_write_eof()
+    tr.write_eof()
+    await proto.done
+    assert proto.eof
+    assert proto.lost == 1 and proto.lost_exc is None
+    assert tr.is_closing()
+    return bytes(proto.data)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_echo_sizes(loop, size):
+    data = payload(size, seed=size)
+
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            got = await echo_roundtrip(loop, "127.0.0.1", port, data)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert len(got) == len(data)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+    run(loop, main())
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
+def test_echo_ipv6(loop):
+    data = payload(300_000)
+
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "::1", 0)
+        sockname = server.sockets[0].getsockname()
+        assert sockname[0] == "::1"
+        try:
+            assert await echo_roundtrip(loop, "::1", sockname[1], data) == data
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_many_writes_in_one_go(loop):
+    """Thousands of small writes without yielding, then EOF: all arrive, in order."""
+    chunks = [payload(i % 1000 + 1, seed=i) for i in range(5000)]
+
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     "127.0.0.1", port)
+            for c in chunks:
+                tr.write(c)
+            tr.write_eof()
+            await proto.done
+            assert bytes(proto.data) == b"".join(chunks)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+# ----------------------------------------------------------------------------- servers
+def test_server_object(loop):
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
+        assert server.get_loop() is loop
+        assert server.is_serving()
+        assert len(server.sockets) == 1
+        host, port = server.sockets[0].getsockname()
+        assert host == "127.0.0.1" and port > 0
+        assert await echo_roundtrip(loop, host, port, b"ping") == b"ping"
+        server.close()
+        assert not server.is_serving()
+        await server.wait_closed()
+        assert not server.sockets
+        with pytest.raises(ConnectionRefusedError):
+            await loop.create_connection(asyncio.Protocol, host, port)
+
+    run(loop, main())
+
+
+def test_server_start_serving_later(loop):
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0,
+                                          start_serving=False)
+        assert not server.is_serving()
+        port = server.sockets[0].getsockname()[1]
+        await server.start_serving()
+        assert server.is_serving()
+        assert await echo_roundtrip(loop, "127.0.0.1", port, b"late") == b"late"
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_server_serve_forever_cancelled(loop):
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0,
+                                          start_serving=False)
+        port = server.sockets[0].getsockname()[1]
+        task = loop.create_task(server.serve_forever())
+        await asyncio.sleep(0.01)
+        assert server.is_serving()
+        assert await echo_roundtrip(loop, "127.0.0.1", port, b"x" * 1000) == b"x" * 1000
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not server.is_serving()
+        with pytest.raises(ConnectionRefusedError):
+            await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+
+    run(loop, main())
+
+
+def test_server_async_with(loop):
+    async def main():
+        async with await loop.create_server(EchoServerProtocol, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            assert await echo_roundtrip(loop, "127.0.0.1", port, b"abc") == b"abc"
+        assert not server.is_serving()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_server_close_keeps_existing_connections(loop):
+    """Server.close() stops listening; connections already accepted go on."""
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                 "127.0.0.1", port)
+        tr.write(b"before")
+        await wait_for_condition(lambda: proto.data == b"before")
+        server.close()
+        tr.write(b" after")
+        tr.write_eof()
+        await proto.done
+        assert proto.data == b"before after"
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_server_from_socket_and_connection_from_socket(loop):
+    async def main():
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        server = await loop.create_server(EchoServerProtocol, sock=lsock)
+        addr = lsock.getsockname()
+        assert server.sockets[0].getsockname() == addr
+        csock = socket.create_connection(addr)
+        csock.setblocking(False)
+        tr, proto = await loop.create_connection(lambda: CollectProtocol(loop), sock=csock)
+        tr.write(b"via sock=")
+        tr.write_eof()
+        await proto.done
+        assert proto.data == b"via sock="
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
+def test_server_two_addresses(loop):
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, ["127.0.0.1", "::1"], 0)
+        try:
+            assert len(server.sockets) == 2
+            for s in server.sockets:
+                host, port = s.getsockname()[:2]
+                assert await echo_roundtrip(loop, host, port, host.encode()) == host.encode()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_connect_accepted_socket(loop):
+    async def main():
+        with socket.create_server(("127.0.0.1", 0)) as lsock:
+            client = socket.create_connection(lsock.getsockname())
+            accepted, _ = lsock.accept()
+        accepted.setblocking(False)
+        tr, _ = await loop.connect_accepted_socket(EchoServerProtocol, accepted)
+        try:
+            def talk():
+                with client:
+                    client.sendall(b"accepted")
+                    client.shutdown(socket.SHUT_WR)
+                    out = b""
+                    while chunk := client.recv(4096):
+                        out += chunk
+                    return out
+
+            assert await loop.run_in_executor(None, talk) == b"accepted"
+        finally:
+            tr.close()
+
+    run(loop, main())
+
+
+# ---------------------------------------------------------------------------- transports
+def test_transport_writelines_and_extra_info(loop):
+    async def main():
+        server_transports = []
+
+        class Server(EchoServerProtocol):
+            def connection_made(self, transport):
+                super().connection_made(transport)
+                server_transports.append(transport)
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        saddr = server.sockets[0].getsockname()
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop), *saddr)
+            assert tr.get_protocol() is proto
+            assert tr.get_extra_info("peername") == saddr
+            sockname = tr.get_extra_info("sockname")
+            assert sockname[0] == "127.0.0.1"
+            sock = tr.get_extra_info("socket")
+            assert sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
+            assert sock.fileno() >= 0
+            assert sock.getsockname() == sockname
+            assert tr.get_extra_info("no such key", "default") == "default"
+            await wait_for_condition(lambda: server_transports)
+            st = server_transports[0]
+            assert st.get_extra_info("peername") == sockname
+            assert st.get_extra_info("sockname") == saddr
+            assert not tr.is_closing()
+            tr.writelines([b"one ", bytearray(b"two "), memoryview(b"three "), b""])
+            tr.write(memoryview(b"xxfourxx")[2:6])
+            tr.write(bytearray(b" five"))
+            tr.write_eof()
+            await proto.done
+            assert proto.data == b"one two three four five"
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_write_eof_half_close(loop):
+    """After write_eof the peer sees EOF, and the writer can still read."""
+    async def main():
+        got_eof = loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                self.data = b""
+
+            def data_received(self, data):
+                self.data += data
+
+            def eof_received(self):
+                got_eof.set_result(self.data)
+                self.transport.write(b"answer to " + self.data)
+                self.transport.close()
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     *server.sockets[0].getsockname())
+            tr.write(b"question")
+            tr.write_eof()
+            assert await got_eof == b"question"
+            await proto.done
+            assert proto.data == b"answer to question"
+            assert proto.eof
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_eof_received_true_keeps_transport_open(loop):
+    async def main():
+        state = {}
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                self.n = 0
+
+            def data_received(self, data):
+                self.n += len(data)
+
+            def eof_received(self):
+                loop.call_later(0.02, self.reply)
+                return True
+
+            def reply(self):
+                state["closing_at_reply"] = self.transport.is_closing()
+                self.transport.write(f"got {self.n} bytes".encode())
+                self.transport.close()
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     *server.sockets[0].getsockname())
+            tr.write(b"z" * 100_000)
+            tr.write_eof()
+            await proto.done
+            assert proto.data == b"got 100000 bytes"
+            assert state["closing_at_reply"] is False
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_close_calls_connection_lost_once(loop):
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     *server.sockets[0].getsockname())
+            assert proto.made == 1
+            tr.write(b"bye" * 10000)
+            tr.close()
+            assert tr.is_closing()
+            tr.close()                              # idempotent
+            assert await proto.done is None
+            await asyncio.sleep(0.05)
+            assert proto.lost == 1
+            assert proto.lost_exc is None
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_close_flushes_buffered_data(loop):
+    """close() with a large pending write: everything is sent before the FIN."""
+    data = payload(4 * MiB + 1)
+
+    async def main():
+        received = loop.create_future()
+
+        class Sink(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.buf = bytearray()
+
+            def data_received(self, d):
+                self.buf += d
+
+            def eof_received(self):
+                received.set_result(bytes(self.buf))
+
+        server = await loop.create_server(Sink, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     *server.sockets[0].getsockname())
+            tr.write(data)
+            tr.close()
+            got = await received
+            assert len(got) == len(data) and got == data
+            await proto.done
+            assert proto.lost == 1
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_abort(loop):
+    """abort() drops what is buffered: connection_lost(None) once on the aborting side;
+    the peer, once it reads, gets less than was written, then the end of the stream."""
+    WRITTEN = 64 * MiB                          # more than the kernel buffers take
+
+    async def main():
+        peer_lost = loop.create_future()
+        peers = []
+
+        class Peer(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                self.n = 0
+                peers.append(self)
+                transport.pause_reading()      # let the aborting side's buffer fill
+
+            def data_received(self, data):
+                self.n += len(data)
+
+            def connection_lost(self, exc):
+                peer_lost.set_result(exc)
+
+        server = await loop.create_server(Peer, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     *server.sockets[0].getsockname())
+            tr.write(b"q" * WRITTEN)
+            await asyncio.sleep(0.05)
+            assert tr.get_write_buffer_size() > 0
+            tr.abort()
+            assert tr.is_closing()
+            await proto.done
+            await asyncio.sleep(0.05)
+            assert proto.lost == 1
+            assert proto.lost_exc is None
+            await wait_for_condition(lambda: peers)
+            peers[0].transport.resume_reading()
+            await peer_lost
+            assert 0 < peers[0].n < WRITTEN
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_write_buffer_limits(loop):
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     *server.sockets[0].getsockname())
+            tr.set_write_buffer_limits(high=64 * 1024)
+            low, high = tr.get_write_buffer_limits()
+            assert high == 64 * 1024
+            assert 0 <= low <= high
+            tr.set_write_buffer_limits(high=1000, low=10)
+            assert tr.get_write_buffer_limits() == (10, 1000)
+            with pytest.raises(ValueError):
+                tr.set_write_buffer_limits(high=1, low=2)
+            assert tr.get_write_buffer_size() == 0
+            tr.close()
+            await proto.done
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+# -------------------------------------------------------------------------- flow control
+def test_pause_resume_writing(loop):
+    """A peer that does not read: pause_writing once past the high-water mark, the
+    buffer grows with further writes, resume_writing once the peer reads."""
+    HIGH = 64 * 1024
+    CHUNK = 256 * 1024
+
+    class Writer(asyncio.Protocol):
+        def __init__(self):
+            self.events = []
+            self.resumed = loop.create_future()
+            self.lost = loop.create_future()
+
+        def connection_made(self, transport):
+            self.transport = transport
+            transport.set_write_buffer_limits(high=HIGH)
+
+        def pause_writing(self):
+            self.events.append(("pause", self.transport.get_write_buffer_size()))
+
+        def resume_writing(self):
+            self.events.append(("resume", self.transport.get_write_buffer_size()))
+            if not self.resumed.done():
+                self.resumed.set_result(None)
+
+        def connection_lost(self, exc):
+            self.lost.set_result(exc)
+
+    async def main():
+        with socket.create_server(("127.0.0.1", 0)) as lsock:
+            tr, proto = await loop.create_connection(Writer, *lsock.getsockname())
+            peer, _ = lsock.accept()
+        received = [0]
+        try:
+            written = 0
+            # fill the kernel buffers until the transport buffers past the high-water mark
+            while not proto.events and written < 256 * MiB:
+                tr.write(b"f" * CHUNK)
+                written += CHUNK
+                await asyncio.sleep(0)
+            assert proto.events and proto.events[0][0] == "pause", proto.events
+            assert len(proto.events) == 1
+            size = tr.get_write_buffer_size()
+            assert size > HIGH
+            tr.write(b"g" * CHUNK)                # writes while paused are still taken
+            written += CHUNK
+            assert tr.get_write_buffer_size() >= size + CHUNK - 1
+            await asyncio.sleep(0.05)
+            assert [e for e, _ in proto.events] == ["pause"]
+
+            # the peer starts reading (on a thread: it is a plain blocking socket)
+            def drain():
+                while True:
+                    chunk = peer.recv(1 << 20)
+                    if not chunk:
+                        return
+                    received[0] += len(chunk)
+
+            reader = loop.run_in_executor(None, drain)
+            await proto.resumed
+            assert [e for e, _ in proto.events] == ["pause", "resume"]
+            low = tr.get_write_buffer_limits()[0]
+            assert proto.events[1][1] <= low
+            tr.close()
+            await reader
+            assert received[0] == written
+            assert await proto.lost is None
+        finally:
+            peer.close()
+
+    run(loop, main())
+
+
+def test_pause_resume_reading(loop):
+    data = payload(3 * MiB + 5)
+
+    class Reader(CollectProtocol):
+        def __init__(self):
+            super().__init__(loop)
+            self.calls_while_paused = 0
+            self.paused = False
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            transport.pause_reading()
+            self.paused = True
+            assert not transport.is_reading()
+
+        def data_received(self, d):
+            if self.paused:
+                self.calls_while_paused += 1
+            super().data_received(d)
+
+    async def main():
+        class Sender(asyncio.Protocol):
+            def connection_made(self, transport):
+                transport.write(data)
+                transport.close()
+
+        server = await loop.create_server(Sender, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(Reader, *server.sockets[0].getsockname())
+            await asyncio.sleep(0.1)
+            assert proto.data == b"" and proto.calls_while_paused == 0
+            assert not proto.eof and proto.lost == 0
+            tr.pause_reading()                       # no-op when paused already
+            # resume, take some, pause again in the middle of the stream
+            proto.paused = False
+            tr.resume_reading()
+            assert tr.is_reading()
+            await wait_for_condition(lambda: len(proto.data) > 0)
+            tr.pause_reading()
+            proto.paused = True
+            n = len(proto.data)
+            await asyncio.sleep(0.1)
+            assert len(proto.data) == n and proto.calls_while_paused == 0
+            proto.paused = False
+            tr.resume_reading()
+            tr.resume_reading()                      # no-op when reading already
+            await proto.done
+            assert proto.eof
+            assert len(proto.data) == len(data) and proto.data == data
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+# ------------------------------------------------------------------------ BufferedProtocol
+class BufferedCollector(asyncio.BufferedProtocol):
+    def __init__(self, loop, bufsize):
+        self.buf = bytearray(bufsize)
+        self.data = bytearray()
+        self.sizehints = []
+        self.done = loop.create_future()
+        self.eof = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        self.sizehints.append(sizehint)
+        return memoryview(self.buf)
+
+    def buffer_updated(self, nbytes):
+        assert 0 < nbytes <= len(self.buf)
+        self.data += self.buf[:nbytes]
+
+    def eof_received(self):
+        self.eof = True
+
+    def connection_lost(self, exc):
+        self.done.set_result(exc)
+
+
+@pytest.mark.parametrize("bufsize", [1, 4096, 1 << 20])
+def test_buffered_protocol_client(loop, bufsize):
+    data = payload(2 * MiB + 11 if bufsize > 1 else 20_000)
+
+    async def main():
+        class Sender(asyncio.Protocol):
+            def connection_made(self, transport):
+                transport.write(data)
+                transport.close()
+
+        server = await loop.create_server(Sender, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(
+                lambda: BufferedCollector(loop, bufsize), *server.sockets[0].getsockname())
+            assert await proto.done is None
+            assert proto.eof
+            assert len(proto.data) == len(data) and proto.data == data
+            assert all(isinstance(h, int) for h in proto.sizehints)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_buffered_protocol_server_echo(loop):
+    data = payload(3 * MiB + 1)
+
+    class BufferedEcho(asyncio.BufferedProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.buf = bytearray(65536)
+
+        def get_buffer(self, sizehint):
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            self.transport.write(bytes(self.buf[:nbytes]))
+
+        def eof_received(self):
+            return None
+
+    async def main():
+        server = await loop.create_server(BufferedEcho, "127.0.0.1", 0)
+        try:
+            got = await echo_roundtrip(loop, *server.sockets[0].getsockname(), data)
+            assert got == data
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+# --------------------------------------------------------------------- errors, concurrency
+def test_connection_refused(loop):
+    sock, addr = refused_address()
+
+    async def main():
+        with pytest.raises(ConnectionRefusedError):
+            await loop.create_connection(asyncio.Protocol, *addr)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(*addr)
+
+    try:
+        run(loop, main())
+    finally:
+        sock.close()
+
+
+def test_protocol_exception_reaches_handler(loop, loop_errors):
+    """An exception in data_received is a fatal error of that transport: the exception
+    handler hears of it, the transport is closed, the loop goes on."""
+    loop_errors.expect(exception=ZeroDivisionError)
+
+    class Bad(asyncio.Protocol):
+        def data_received(self, data):
+            1 / 0
+
+    async def main():
+        server = await loop.create_server(Bad, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     *server.sockets[0].getsockname())
+            tr.write(b"trigger")
+            await proto.done                          # the server side went away
+            assert await echo_check(loop) == b"fine"
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+async def echo_check(loop):
+    server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
+    try:
+        return await echo_roundtrip(loop, *server.sockets[0].getsockname(), b"fine")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_200_concurrent_clients(loop):
+    N = 200
+
+    async def client(port, i):
+        data = payload(10_000 + i, seed=i)
+        return await echo_roundtrip(loop, "127.0.0.1", port, data) == data
+
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0, backlog=N + 56)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            results = await asyncio.gather(*(client(port, i) for i in range(N)))
+            assert all(results)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_connection_made_before_data_and_lost_last(loop):
+    """Event order on the server side: connection_made, data_received*, eof_received,
+    connection_lost — from several threads' blocking clients at once."""
+    events: dict[int, list] = {}
+
+    class Recorder(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.key = len(events)             # not id(self): ids are reused
+            events[self.key] = ["made"]
+
+        def data_received(self, data):
+            events[self.key].append("data")
+            self.transport.write(data)
+
+        def eof_received(self):
+            events[self.key].append("eof")
+
+        def connection_lost(self, exc):
+            events[self.key].append("lost")
+
+    async def main():
+        server = await loop.create_server(Recorder, "127.0.0.1", 0)
+        addr = server.sockets[0].getsockname()
+
+        def blocking_client():
+            with socket.create_connection(addr, timeout=10) as s:
+                s.sendall(b"hello" * 1000)
+                s.shutdown(socket.SHUT_WR)
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+                return out
+
+        try:
+            outs = await asyncio.gather(*(loop.run_in_executor(None, blocking_client)
+                                          for _ in range(8)))
+            assert all(o == b"hello" * 1000 for o in outs)
+            await wait_for_condition(lambda: len(events) == 8 and all(
+                e[-1] == "lost" for e in events.values()))
+        finally:
+            server.close()
+            await server.wait_closed()
+        for ev in events.values():
+            assert ev[0] == "made" and ev[-2:] == ["eof", "lost"]
+            assert set(ev[1:-2]) == {"data"}
+
+    run(loop, main())
+
+
+def test_client_connection_made_before_data(loop):
+    """A server that speaks first: on the client side connection_made still comes
+    before the first data_received (and create_connection returns after it)."""
+    class Greeter(asyncio.Protocol):
+        def connection_made(self, transport):
+            transport.write(b"220 hello\r\n")
+            transport.close()
+
+    class Client(asyncio.Protocol):
+        def __init__(self):
+            self.order = []
+            self.done = loop.create_future()
+
+        def connection_made(self, transport):
+            self.order.append("made")
+
+        def data_received(self, data):
+            self.order.append("data")
+
+        def eof_received(self):
+            self.order.append("eof")
+
+        def connection_lost(self, exc):
+            self.order.append("lost")
+            self.done.set_result(None)
+
+    async def main():
+        server = await loop.create_server(Greeter, "127.0.0.1", 0)
+        try:
+            for _ in range(20):
+                tr, proto = await loop.create_connection(Client,
+                                                         *server.sockets[0].getsockname())
+                assert proto.order[:1] == ["made"]
+                await proto.done
+                assert proto.order[0] == "made" and proto.order[-2:] == ["eof", "lost"]
+                assert set(proto.order[1:-2]) == {"data"}
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_blocking_peer_thread_with_transport(loop):
+    """A thread-side blocking server and a loop-side client, streaming both ways."""
+    data = payload(2 * MiB)
+
+    async def main():
+        lsock = socket.create_server(("127.0.0.1", 0))
+
+        def serve():
+            with lsock:
+                conn, _ = lsock.accept()
+                with conn:
+                    while chunk := conn.recv(1 << 16):
+                        conn.sendall(chunk)
+
+        t = threading.Thread(target=serve)
+        t.start()
+        try:
+            got = await echo_roundtrip(loop, *lsock.getsockname(), data)
+            assert got == data
+        finally:
+            await loop.run_in_executor(None, t.join, 10)
+
+    run(loop, main())
