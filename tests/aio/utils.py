@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import socket
-from typing import Any, Awaitable, Iterable, Optional
+from typing import Any, Awaitable, Optional
 
 import pytest
+from support import describe_fds, ipv6_loopback_available, open_fds  # noqa: F401 (shared)
 
 #: Default bound of one ``run()`` (seconds): nothing in this suite may hang.
 TIMEOUT = 20.0
@@ -34,40 +34,6 @@ def requires(loop: asyncio.AbstractEventLoop, feature: str) -> None:
 def payload(size: int, seed: int = 0) -> bytes:
     """``size`` pseudo-random bytes (deterministic per seed)."""
     return random.Random(seed).randbytes(size)
-
-
-def ipv6_loopback_available() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-def open_fds() -> set[int]:
-    """The process's open file descriptors (the listing's own fd is dropped)."""
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue          # the directory handle listdir used, already closed
-        fds.add(fd)
-    return fds
-
-
-def describe_fds(fds: Iterable[int]) -> str:
-    out = []
-    for fd in sorted(fds):
-        try:
-            out.append(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
-        except OSError:
-            out.append(f"{fd} -> ?")
-    return ", ".join(out)
 
 
 def ensure_fd_limit(needed: int) -> None:
