@@ -20,14 +20,19 @@ How it fits together
   completion still awaited by the engine).
 * ``add_reader``/``add_writer`` are one-shot poll requests re-armed after each callback.
 
+* Pipes use asyncio's Unix pipe transports over those poll requests; a subprocess's exit
+  is a poll completion on its pidfd (a thread waiting in ``waitpid`` where pidfds are
+  missing); signal handlers run from the ring's wakeup, which ``set_wakeup_fd`` feeds.
+
 Not implemented yet (``loop._proactor_features`` lists what is): datagram endpoints,
-Unix sockets, pipes, subprocesses, signal handlers, native ``sendfile``.
+Unix sockets, native ``sendfile``.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
+import os
 import select
 import signal
 import socket
@@ -44,7 +49,8 @@ logger = logging.getLogger("proactor")
 __all__ = ["ProactorEventLoop", "new_event_loop", "EventLoopPolicy", "install", "run"]
 
 #: What this loop implements, for tests and callers that want to know.
-FEATURES = frozenset({"tcp", "tls", "sock", "readers", "executor", "streams"})
+FEATURES = frozenset({"tcp", "tls", "sock", "readers", "executor", "streams", "pipes",
+                      "subprocess", "signals"})
 
 _MAX_WRITE_WARNINGS = 5
 
@@ -90,6 +96,9 @@ class _RingSelector:
 
     def close(self) -> None:
         pass
+
+    def get_key(self, fd: int) -> Any:
+        raise KeyError(fd)                     # nothing is registered by readiness here
 
 
 class _UringTransport(transports._FlowControlMixin, transports.Transport):
@@ -418,6 +427,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._selector = _RingSelector(eng, self)
         self._write_checks: list = []      # transports that wrote past their high mark
         self._listeners: dict[int, Any] = {}
+        self._signal_handlers: dict[int, asyncio.Handle] = {}
         self._readers: dict[int, list] = {}
         self._writers: dict[int, list] = {}
 
@@ -450,6 +460,9 @@ class ProactorEventLoop(base_events.BaseEventLoop):
             raise RuntimeError("Cannot close a running event loop")
         if self.is_closed():
             return
+        if threading.current_thread() is threading.main_thread():
+            for sig in list(self._signal_handlers):
+                self.remove_signal_handler(sig)
         self._close_engine()
         super().close()
 
@@ -598,6 +611,120 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         except OSError:
             address = None
         return conn, address
+
+    # -- pipes and subprocesses (asyncio's Unix transports, on poll requests)
+    def _make_read_pipe_transport(self, pipe: Any, protocol: Any,
+                                  waiter: Optional[asyncio.Future] = None,
+                                  extra: Optional[dict] = None) -> Any:
+        from asyncio import unix_events
+
+        return unix_events._UnixReadPipeTransport(self, pipe, protocol, waiter, extra)
+
+    def _make_write_pipe_transport(self, pipe: Any, protocol: Any,
+                                   waiter: Optional[asyncio.Future] = None,
+                                   extra: Optional[dict] = None) -> Any:
+        from asyncio import unix_events
+
+        return unix_events._UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
+
+    async def _make_subprocess_transport(self, protocol: Any, args: Any, shell: bool,
+                                         stdin: Any, stdout: Any, stderr: Any, bufsize: int,
+                                         extra: Optional[dict] = None, **kwargs: Any) -> Any:
+        from asyncio import unix_events
+
+        waiter = self.create_future()
+        transp = unix_events._UnixSubprocessTransport(
+            self, protocol, args, shell, stdin, stdout, stderr, bufsize,
+            waiter=waiter, extra=extra, **kwargs)
+        self._watch_child(transp.get_pid(), transp)
+        try:
+            await waiter
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException:
+            transp.close()
+            await transp._wait()
+            raise
+        return transp
+
+    def _watch_child(self, pid: int, transp: Any) -> None:
+        """Report the child's exit to ``transp``: a poll completion on its pidfd, or a
+        thread blocked in waitpid where pidfds are missing."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            threading.Thread(target=self._wait_child_thread, args=(pid, transp),
+                             name=f"proactor-waitpid-{pid}", daemon=True).start()
+            return
+
+        def exited(op: Any) -> None:
+            os.close(pidfd)
+            if op.exception() is not None:      # cancelled: the loop is closing
+                threading.Thread(target=self._wait_child_thread, args=(pid, transp),
+                                 name=f"proactor-waitpid-{pid}", daemon=True).start()
+                return
+            try:
+                _, status = os.waitpid(pid, 0)  # readable pidfd: it has exited
+                code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                code = 255                      # reaped by someone else
+            transp._process_exited(code)
+
+        self._engine.poll(pidfd, select.POLLIN, exited)
+
+    def _wait_child_thread(self, pid: int, transp: Any) -> None:
+        try:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = 255
+        if not self.is_closed():
+            self.call_soon_threadsafe(transp._process_exited, code)
+
+    # -- signals: the Python-level handler runs when the ring's wait returns (the
+    # wakeup pipe is the set_wakeup_fd target while the loop runs)
+    def add_signal_handler(self, sig: int, callback: Callable[..., Any], *args: Any) -> None:
+        if asyncio.iscoroutine(callback) or asyncio.iscoroutinefunction(callback):
+            raise TypeError("coroutines cannot be used with add_signal_handler()")
+        self._check_signal(sig)
+        self._check_closed()
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("signal handlers can only be set in the main thread")
+        handle = asyncio.Handle(callback, args, self, None)
+        self._signal_handlers[sig] = handle
+        try:
+            signal.signal(sig, self._handle_signal)
+            signal.siginterrupt(sig, False)
+        except OSError as exc:
+            del self._signal_handlers[sig]
+            if exc.errno == errno.EINVAL:
+                raise RuntimeError(f"sig {sig:d} cannot be caught")
+            raise
+
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        handle = self._signal_handlers.get(signum)
+        if handle is not None and not handle._cancelled:
+            self._add_callback_signalsafe(handle)
+
+    def remove_signal_handler(self, sig: int) -> bool:
+        self._check_signal(sig)
+        if self._signal_handlers.pop(sig, None) is None:
+            return False
+        handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        try:
+            signal.signal(sig, handler)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise RuntimeError(f"sig {sig:d} cannot be caught")
+            raise
+        return True
+
+    @staticmethod
+    def _check_signal(sig: int) -> None:
+        if not isinstance(sig, int):
+            raise TypeError(f"sig must be an int, not {sig!r}")
+        if sig not in signal.valid_signals():
+            raise ValueError(f"invalid signal number {sig}")
 
     # -- readiness callbacks
     def add_reader(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
