@@ -24,8 +24,10 @@ How it fits together
   is a poll completion on its pidfd (a thread waiting in ``waitpid`` where pidfds are
   missing); signal handlers run from the ring's wakeup, which ``set_wakeup_fd`` feeds.
 
-Not implemented yet (``loop._proactor_features`` lists what is): datagram endpoints,
-Unix sockets, native ``sendfile``.
+* Unix sockets reuse asyncio's ``create_unix_*`` code on these transports; datagram
+  endpoints use asyncio's readiness-based datagram transport on poll requests.
+
+Not implemented yet (``loop._proactor_features`` lists what is): native ``sendfile``.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from asyncio import base_events, sslproto, transports
 from typing import Any, Callable, Optional
 
@@ -50,7 +53,7 @@ __all__ = ["ProactorEventLoop", "new_event_loop", "EventLoopPolicy", "install", 
 
 #: What this loop implements, for tests and callers that want to know.
 FEATURES = frozenset({"tcp", "tls", "sock", "readers", "executor", "streams", "pipes",
-                      "subprocess", "signals"})
+                      "subprocess", "signals", "unix", "udp"})
 
 _MAX_WRITE_WARNINGS = 5
 
@@ -428,6 +431,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._write_checks: list = []      # transports that wrote past their high mark
         self._listeners: dict[int, Any] = {}
         self._signal_handlers: dict[int, asyncio.Handle] = {}
+        self._transports: Any = weakref.WeakValueDictionary()   # asyncio's datagram transport
         self._readers: dict[int, list] = {}
         self._writers: dict[int, list] = {}
 
@@ -611,6 +615,50 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         except OSError:
             address = None
         return conn, address
+
+    # -- Unix sockets: asyncio's own code, on this loop's sock_connect/_start_serving
+    from asyncio.unix_events import _UnixSelectorEventLoop as _unix_loop
+
+    create_unix_connection = _unix_loop.create_unix_connection
+    create_unix_server = _unix_loop.create_unix_server
+    del _unix_loop
+
+    # -- datagrams: asyncio's readiness-based transport, on poll requests
+    def _make_datagram_transport(self, sock: socket.socket, protocol: Any,
+                                 address: Any = None, waiter: Optional[asyncio.Future] = None,
+                                 extra: Optional[dict] = None) -> Any:
+        from asyncio import selector_events
+
+        return selector_events._SelectorDatagramTransport(self, sock, protocol, address,
+                                                          waiter, extra)
+
+    async def _wait_fd(self, fd: int, mask: int) -> None:
+        fut, op = _future_from_op(self, lambda cb: self._engine.poll(fd, mask, cb))
+        await _await_op(fut, op)
+
+    async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple:
+        self._check_sock(sock)
+        while True:
+            try:
+                return sock.recvfrom(bufsize)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_fd(sock.fileno(), select.POLLIN)
+
+    async def sock_recvfrom_into(self, sock: socket.socket, buf: Any, nbytes: int = 0) -> tuple:
+        self._check_sock(sock)
+        while True:
+            try:
+                return sock.recvfrom_into(buf, nbytes)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_fd(sock.fileno(), select.POLLIN)
+
+    async def sock_sendto(self, sock: socket.socket, data: Any, address: Any) -> int:
+        self._check_sock(sock)
+        while True:
+            try:
+                return sock.sendto(data, address)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_fd(sock.fileno(), select.POLLOUT)
 
     # -- pipes and subprocesses (asyncio's Unix transports, on poll requests)
     def _make_read_pipe_transport(self, pipe: Any, protocol: Any,
