@@ -27,7 +27,8 @@ How it fits together
 * Unix sockets reuse asyncio's ``create_unix_*`` code on these transports; datagram
   endpoints use asyncio's readiness-based datagram transport on poll requests.
 
-Not implemented yet (``loop._proactor_features`` lists what is): native ``sendfile``.
+* ``sendfile``: ``os.sendfile`` (the kernel copies), with the ring waiting for
+  writability when the socket is full.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import threading
 import time
 import warnings
 import weakref
-from asyncio import base_events, sslproto, transports
+from asyncio import base_events, constants, exceptions, sslproto, transports
 from typing import Any, Callable, Optional
 
 from ._errors import os_error
@@ -53,7 +54,7 @@ __all__ = ["ProactorEventLoop", "new_event_loop", "EventLoopPolicy", "install", 
 
 #: What this loop implements, for tests and callers that want to know.
 FEATURES = frozenset({"tcp", "tls", "sock", "readers", "executor", "streams", "pipes",
-                      "subprocess", "signals", "unix", "udp"})
+                      "subprocess", "signals", "unix", "udp", "sendfile"})
 
 _MAX_WRITE_WARNINGS = 5
 
@@ -108,6 +109,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
     """A TCP transport over one engine connection; also that connection's handler."""
 
     _start_tls_compatible = True
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
     def __init__(self, loop: ProactorEventLoop, sock: Optional[socket.socket], protocol: Any,
                  waiter: Optional[asyncio.Future] = None, extra: Optional[dict] = None,
@@ -659,6 +661,47 @@ class ProactorEventLoop(base_events.BaseEventLoop):
                 return sock.sendto(data, address)
             except (BlockingIOError, InterruptedError):
                 await self._wait_fd(sock.fileno(), select.POLLOUT)
+
+    # -- sendfile: the kernel copies (sendfile(2)); the ring waits for writability
+    async def _sock_sendfile_native(self, sock: socket.socket, file: Any, offset: int,
+                                    count: Optional[int]) -> int:
+        try:
+            fileno = file.fileno()
+            fsize = os.fstat(fileno).st_size
+        except (AttributeError, OSError, ValueError) as err:
+            raise exceptions.SendfileNotAvailableError("not a regular file") from err
+        end = offset + count if count else fsize
+        total = 0
+        try:
+            while offset + total < end:
+                n = min(end - offset - total, 1 << 30)
+                try:
+                    sent = os.sendfile(sock.fileno(), fileno, offset + total, n)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait_fd(sock.fileno(), select.POLLOUT)
+                    continue
+                except OSError as exc:
+                    if total == 0 and exc.errno in (errno.EINVAL, errno.ENOSYS,
+                                                    errno.ENOTSOCK, errno.EOPNOTSUPP):
+                        raise exceptions.SendfileNotAvailableError(
+                            f"os.sendfile() failed: {exc}") from exc
+                    raise
+                if sent == 0:
+                    break                       # end of file
+                total += sent
+            return total
+        finally:
+            if total > 0:
+                file.seek(offset + total)
+
+    async def _sendfile_native(self, transp: Any, file: Any, offset: int,
+                               count: Optional[int]) -> int:
+        if not isinstance(transp, _UringTransport) or transp._conn is None:
+            raise exceptions.SendfileNotAvailableError("not a proactor TCP transport")
+        drained = self.create_future()
+        transp._conn.when_drained(lambda: drained.done() or drained.set_result(None))
+        await drained                           # what write() queued goes out first
+        return await self._sock_sendfile_native(transp._sock, file, offset, count)
 
     # -- pipes and subprocesses (asyncio's Unix transports, on poll requests)
     def _make_read_pipe_transport(self, pipe: Any, protocol: Any,
