@@ -355,6 +355,16 @@ def test_cancel_2000_pending_sock_recv(loop):
         for i in (0, N // 2, N - 1):
             clients[i].send(b"still here %d" % i)
             assert await loop.sock_recv(servers[i], 1024) == b"still here %d" % i
+        engine = getattr(loop, "_engine", None)
+        if engine is not None:
+            # every cancelled recv's final completion has come: nothing in flight but
+            # the wakeup read, no buffer pinned
+            for _ in range(100):
+                st = engine.stats()
+                if st.ops_in_flight == 1 and st.pinned_objects == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert (st.ops_in_flight, st.pinned_objects) == (1, 0), st
 
     try:
         run(loop, main())
@@ -408,3 +418,49 @@ def test_cancel_1000_pending_stream_reads(loop):
             await server.wait_closed()
 
     run(loop, main())
+
+
+class _WeakBuffer(bytearray):
+    """A bytearray that can be watched with a weakref."""
+
+
+def test_recv_into_buffer_kept_until_final_completion(loop):
+    """The engine's rule, through the loop: a buffer handed to the kernel by
+    sock_recv_into stays referenced after the awaiting task is cancelled and the caller
+    dropped it, until the cancelled op's final completion has arrived."""
+    import gc
+    import weakref
+
+    engine = getattr(loop, "_engine", None)
+    if engine is None:
+        pytest.skip("checks the io_uring engine's pinning (asyncio's loop has none)")
+    a, b = socket.socketpair()
+    nonblocking(a)
+    nonblocking(b)
+
+    async def main():
+        buf = _WeakBuffer(4096)
+        ref = weakref.ref(buf)
+        task = asyncio.ensure_future(loop.sock_recv_into(a, buf))
+        await asyncio.sleep(0.05)
+        pinned = engine.stats().pinned_objects
+        assert pinned >= 1
+        del buf
+        gc.collect()
+        assert ref() is not None, "the op must hold the buffer while the kernel may write it"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):                       # the cancel's completion, then release
+            gc.collect()
+            if ref() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert ref() is None, "the buffer is released after the final completion"
+        assert engine.stats().pinned_objects == pinned - 1
+
+    try:
+        run(loop, main())
+    finally:
+        a.close()
+        b.close()
