@@ -907,7 +907,7 @@ def new_event_loop(**engine_options: Any) -> asyncio.AbstractEventLoop:
     reason is logged once, as for engines)."""
     from ._select import choose
 
-    if choose().backend == "uring":
+    if choose(instead="asyncio's own event loop").backend == "uring":
         return ProactorEventLoop(**engine_options)
     return asyncio.new_event_loop()
 

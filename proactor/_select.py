@@ -66,8 +66,9 @@ def _uring_problem_here() -> tuple[Optional[str], int]:
         return _cached
 
 
-def choose(requested: Optional[str] = None) -> Choice:
-    """The backend for a new engine: ``requested``, else ``$PROACTOR_BACKEND``, else auto."""
+def choose(requested: Optional[str] = None, *, instead: str = "trio") -> Choice:
+    """The backend for a new engine: ``requested``, else ``$PROACTOR_BACKEND``, else auto.
+    ``instead`` names what the caller falls back to, for the log line."""
     global _logged
     name = requested or os.environ.get("PROACTOR_BACKEND") or "auto"
     backend = _NAMES.get(name.strip().lower())
@@ -86,5 +87,5 @@ def choose(requested: Optional[str] = None) -> Choice:
         first = not _logged
         _logged = True
     if first:
-        logger.warning("%s; using trio", problem)
+        logger.warning("%s; using %s", problem, instead)
     return Choice("trio", problem)

@@ -3,6 +3,7 @@ they make proactor loops themselves). Skipped while they do not exist yet."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -93,3 +94,28 @@ def test_install(uring_loop_available, no_leaks):
     install()
     assert isinstance(asyncio.get_event_loop_policy(), proactor.EventLoopPolicy)
     assert asyncio.run(_running_loop_is_proactor())
+
+
+def test_new_event_loop_falls_back_where_io_uring_cannot_run(monkeypatch, caplog):
+    """Where io_uring is unavailable, new_event_loop() gives asyncio's own loop and the
+    reason is logged (once)."""
+    import proactor
+    from proactor import _select
+
+    monkeypatch.setattr(_select, "_cached", ("io_uring blocked by seccomp or a security "
+                                             "policy (EPERM)", 1))
+    monkeypatch.setattr(_select, "_logged", False)
+    monkeypatch.delenv("PROACTOR_BACKEND", raising=False)
+    with caplog.at_level(logging.WARNING, logger="proactor"):
+        loop = proactor.new_event_loop()
+        loop2 = proactor.new_event_loop()
+    try:
+        assert not isinstance(loop, proactor.ProactorEventLoop)
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+        assert loop.run_until_complete(asyncio.sleep(0, "ok")) == "ok"
+    finally:
+        loop.close()
+        loop2.close()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "proactor"]
+    assert msgs == ["io_uring blocked by seccomp or a security policy (EPERM); "
+                    "using asyncio's own event loop"]

@@ -464,3 +464,37 @@ def test_recv_into_buffer_kept_until_final_completion(loop):
     finally:
         a.close()
         b.close()
+
+
+def test_cancel_500_pending_sock_sendall(loop):
+    """Tasks cancelled mid-send (their peers do not read, so the sends wait in the
+    kernel): all end cancelled, the loop still works, and on proactor's loop nothing is
+    left in flight or pinned afterwards."""
+    N = 500
+    ensure_fd_limit(2 * N + 100)
+    clients, servers = tcp_pairs(N)
+    data = b"s" * (8 << 20)                        # far more than the socket buffers hold
+
+    async def main():
+        tasks = [asyncio.ensure_future(loop.sock_sendall(s, data)) for s in servers]
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in tasks)
+        for t in tasks:
+            t.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        await check_loop_still_echoes(loop)
+        engine = getattr(loop, "_engine", None)
+        if engine is not None:
+            for _ in range(100):
+                st = engine.stats()
+                if st.ops_in_flight == 1 and st.pinned_objects == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert (st.ops_in_flight, st.pinned_objects) == (1, 0), st
+
+    try:
+        run(loop, main())
+    finally:
+        for s in clients + servers:
+            s.close()
