@@ -9,8 +9,8 @@ How it fits together
   "selector" whose ``select(timeout)`` ``BaseEventLoop._run_once`` calls is one turn of
   the ring (submit, wait, harvest, dispatch). Completions are dispatched inside that
   call, straight to protocols and futures, as uvloop does from libuv callbacks.
-* One ring per loop, set up on the thread that creates the loop, which must be the
-  thread that runs it (the ring is ``SINGLE_ISSUER``).
+* One ring per loop, set up on first use (usually ``run_forever``) on the thread that
+  will run the loop; it must keep running there (the ring is ``SINGLE_ISSUER``).
 * TCP transports are the engine's connections: multishot recv into the provided-buffer
   ring and the C send queue, so ``data_received``/``write`` cost what they cost in the
   handler API. A transport is the engine-level handler of its connection.
@@ -68,6 +68,9 @@ class _RingSelector:
 
     def select(self, timeout: Optional[float] = None) -> list:
         eng = self._engine
+        if eng._pending_vals:                  # cut short by an exception last time
+            eng._flush_pending()
+            timeout = 0
         if eng._cmds:
             eng._run_cmds()
             timeout = 0
@@ -271,7 +274,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
     def _deliver_held(self) -> None:
         """Hand over what was held, in order; new data queues behind it until the held
         queue is empty. Stops if the protocol pauses again."""
-        while self._held and not self._paused and not self._lost:
+        while self._held and not self._paused and not self._lost and not self._closing:
             data = self._held.pop(0)
             self._hold = False
             try:
@@ -279,7 +282,8 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             finally:
                 self._hold = True
         self._hold = self._paused or not self._made
-        if self._held_eof and not self._held and not self._hold and not self._lost:
+        if (self._held_eof and not self._held and not self._hold and not self._lost
+                and not self._closing):
             self._held_eof = False
             self.eof_received(self._conn)
 
@@ -289,6 +293,8 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
                             f"not {type(data).__name__!r}")
         if self._eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
+        if self._sendfile_active:
+            raise RuntimeError("unable to write; sendfile is in progress")
         if self._closing or self._conn is None:
             if self._write_warnings >= _MAX_WRITE_WARNINGS:
                 logger.warning("socket.send() raised exception.")
@@ -306,6 +312,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             self._loop._write_checks.append(self)
 
     _eof_written = False
+    _sendfile_active = False
 
     def _check_write_buffer(self) -> None:
         """After a ring turn: still above the high-water mark? Then pause the protocol
@@ -351,17 +358,25 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         if self._closing:
             return
         self._closing = True
+        self._held.clear()                     # no data_received after close()
         if self._conn is not None:
             self._conn.close()                 # queued data goes out first
 
     def abort(self) -> None:
         self._closing = True
+        self._held.clear()
         if self._conn is not None:
             self._conn.abort()
 
     def _force_close(self, exc: Optional[BaseException]) -> None:
-        """Used by sslproto: close now."""
-        self.abort()
+        """Used by sslproto: close now; ``exc`` goes to connection_lost."""
+        self._closing = True
+        self._held.clear()
+        if self._conn is not None:
+            if exc is not None:
+                self._conn._fail(exc)
+            else:
+                self._conn.abort()
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,
@@ -373,7 +388,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
                 "message": message, "exception": exc, "transport": self,
                 "protocol": self._protocol,
             })
-        self.abort()
+        self._force_close(exc)
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if self._conn is not None and not self._closing:
@@ -424,8 +439,6 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         _px_send = px_send
         super().__init__()
         eng = UringEngine(**engine_options)
-        eng._thread_id = threading.get_ident()
-        eng._setup()
         eng._reap = lib.px_reap
         self._engine = eng
         self._lib = lib
@@ -437,6 +450,16 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._readers: dict[int, list] = {}
         self._writers: dict[int, list] = {}
 
+    def _ring(self) -> Any:
+        """The engine, its ring set up on first use, on the calling thread: the thread
+        that will run the loop (the ring accepts submissions from that thread only)."""
+        eng = self._engine
+        if eng._r is None:
+            self._check_closed()
+            eng._thread_id = threading.get_ident()
+            eng._setup()
+        return eng
+
     # -- BaseEventLoop hooks
     def _process_events(self, event_list: list) -> None:
         pass                                   # dispatched inside select()
@@ -445,9 +468,9 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._engine._wakeup()
 
     def run_forever(self) -> None:
-        eng = self._engine
+        eng = self._ring()
         if eng._thread_id != threading.get_ident():
-            raise RuntimeError("a proactor loop runs on the thread that created it")
+            raise RuntimeError("a proactor loop runs on the thread that first used it")
         restore = None
         if threading.current_thread() is threading.main_thread():
             try:
@@ -478,6 +501,12 @@ class ProactorEventLoop(base_events.BaseEventLoop):
 
         eng = self._engine
         lib = self._lib
+        if eng._r is None:                      # never used: no ring to drain
+            eng._closed = True
+            eng._release()
+            return
+        if eng._pending_vals:
+            eng._flush_pending()
         for lst in list(self._listeners.values()):
             lst.close()
         self._listeners.clear()
@@ -496,6 +525,8 @@ class ProactorEventLoop(base_events.BaseEventLoop):
                 wake_stopped = lib.px_stop_wakeup(eng._r) == 0
             eng._run_cmds()
             eng._run_ready()
+            if eng._pending_vals:
+                eng._flush_pending()
             if lib.px_inflight(eng._r) == 0 and not eng._ops:
                 break
             n = eng._reap(eng._r, 1, 20_000_000)
@@ -510,7 +541,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
                                extra: Optional[dict] = None, server: Any = None) -> Any:
         from ._io_uring import UringConnection
 
-        eng = self._engine
+        eng = self._ring()
         lib = self._lib
         if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET,
                                                               socket.AF_INET6):
@@ -560,7 +591,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
 
         # The ring listens on a duplicate of the socket: the Server keeps its socket
         # object (server.sockets, getsockname); _stop_serving closes both.
-        listener = UringServer(self._engine, [sock.dup()], factory, None)
+        listener = UringServer(self._ring(), [sock.dup()], factory, None)
         listener._start()
         self._listeners[sock.fileno()] = listener
 
@@ -575,16 +606,25 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         if self._debug and sock.gettimeout() != 0:
             raise ValueError("the socket must be non-blocking")
 
+    # sock_recv/recv_into/accept are readiness-based (try, else wait for a poll
+    # completion, retry): a cancelled wait takes nothing from the socket, as with a
+    # selector loop. A completion-based recv cancelled after it took the bytes would
+    # lose them.
     async def sock_recv(self, sock: socket.socket, n: int) -> bytes:
         self._check_sock(sock)
-        fut, op = _future_from_op(self, lambda cb: self._engine.recv(sock.fileno(), n, cb))
-        return await _await_op(fut, op)
+        while True:
+            try:
+                return sock.recv(n)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_fd(sock.fileno(), select.POLLIN)
 
     async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
         self._check_sock(sock)
-        fut, op = _future_from_op(
-            self, lambda cb: self._engine.readinto(sock.fileno(), buf, 0, cb))
-        return await _await_op(fut, op)
+        while True:
+            try:
+                return sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_fd(sock.fileno(), select.POLLIN)
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
         self._check_sock(sock)
@@ -592,7 +632,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         while view:
             chunk = view
             fut, op = _future_from_op(
-                self, lambda cb: self._engine.send(sock.fileno(), chunk, cb))
+                self, lambda cb: self._ring().send(sock.fileno(), chunk, cb))
             n = await _await_op(fut, op)
             view = view[n:]
 
@@ -602,21 +642,20 @@ class ProactorEventLoop(base_events.BaseEventLoop):
             resolved = await self._ensure_resolved(address, family=sock.family,
                                                    type=sock.type, proto=sock.proto, loop=self)
             address = resolved[0][4]
-        fut, op = _future_from_op(self, lambda cb: self._engine.connect(
+        fut, op = _future_from_op(self, lambda cb: self._ring().connect(
             sock.fileno(), address, cb, family=sock.family))
         await _await_op(fut, op)
 
     async def sock_accept(self, sock: socket.socket) -> tuple:
         self._check_sock(sock)
-        fut, op = _future_from_op(self, lambda cb: self._engine.accept(sock.fileno(), cb))
-        fd = await _await_op(fut, op)
-        conn = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-        conn.setblocking(False)
-        try:
-            address = conn.getpeername()
-        except OSError:
-            address = None
-        return conn, address
+        while True:
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                await self._wait_fd(sock.fileno(), select.POLLIN)
+                continue
+            conn.setblocking(False)
+            return conn, address
 
     # -- Unix sockets: asyncio's own code, on this loop's sock_connect/_start_serving
     from asyncio.unix_events import _UnixSelectorEventLoop as _unix_loop
@@ -635,7 +674,8 @@ class ProactorEventLoop(base_events.BaseEventLoop):
                                                           waiter, extra)
 
     async def _wait_fd(self, fd: int, mask: int) -> None:
-        fut, op = _future_from_op(self, lambda cb: self._engine.poll(fd, mask, cb))
+        eng = self._ring()
+        fut, op = _future_from_op(self, lambda cb: eng.poll(fd, mask, cb))
         await _await_op(fut, op)
 
     async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple:
@@ -700,8 +740,12 @@ class ProactorEventLoop(base_events.BaseEventLoop):
             raise exceptions.SendfileNotAvailableError("not a proactor TCP transport")
         drained = self.create_future()
         transp._conn.when_drained(lambda: drained.done() or drained.set_result(None))
-        await drained                           # what write() queued goes out first
-        return await self._sock_sendfile_native(transp._sock, file, offset, count)
+        transp._sendfile_active = True          # write() refuses until we are done
+        try:
+            await drained                       # what write() queued goes out first
+            return await self._sock_sendfile_native(transp._sock, file, offset, count)
+        finally:
+            transp._sendfile_active = False
 
     # -- pipes and subprocesses (asyncio's Unix transports, on poll requests)
     def _make_read_pipe_transport(self, pipe: Any, protocol: Any,
@@ -761,7 +805,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
                 code = 255                      # reaped by someone else
             transp._process_exited(code)
 
-        self._engine.poll(pidfd, select.POLLIN, exited)
+        self._ring().poll(pidfd, select.POLLIN, exited)
 
     def _wait_child_thread(self, pid: int, transp: Any) -> None:
         try:
@@ -861,7 +905,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
             if op.exception() is None:
                 self.call_soon(self._run_poller, table, fd, e[0])
 
-        op_box.append(self._engine.poll(fd, ent[2], done))
+        op_box.append(self._ring().poll(fd, ent[2], done))
         ent[1] = op_box[0]
 
     def _run_poller(self, table: dict, fd: int, handle: asyncio.Handle) -> None:

@@ -283,6 +283,7 @@ class UringEngine(BaseEngine):
         self._evq: Any = None
         self._shutdown: Optional[dict] = None
         self._final_stats: Optional[Stats] = None
+        self._pending_vals: list = []        # events an exception kept from dispatch
         self._life_lock = threading.Lock()   # held to free the ring, and to read it
 
     # ------------------------------------------------------------------ running
@@ -400,6 +401,9 @@ class UringEngine(BaseEngine):
                 timers.run_due(monotonic())
             if self._shutdown is not None and self._shutdown_step():
                 return
+            if self._pending_vals:
+                self._flush_pending()
+                continue
             if cmds or ready:
                 n = reap(r, 0, -1)
             else:
@@ -418,13 +422,29 @@ class UringEngine(BaseEngine):
                 raise os_error(n, "io_uring_enter")
 
     # ------------------------------------------------------------------ completions
+    def _flush_pending(self) -> None:
+        """Dispatch what an exception (KeyboardInterrupt, SystemExit) cut short, before
+        the next reap gives their receive buffers back to the kernel."""
+        vals, self._pending_vals = self._pending_vals, []
+        self._dispatch_vals(vals)
+
     def _dispatch(self, n: int) -> None:
-        vals = self._evq[: 4 * n].tolist()
+        self._dispatch_vals(self._evq[: 4 * n].tolist())
+
+    def _dispatch_vals(self, vals: list) -> None:
         conns = self._conns
         pool_mem = self._pool_mem
         ops_pop = self._ops.pop
         touched: Optional[list] = None
         it = iter(vals)
+        try:
+            self._dispatch_events(it, conns, pool_mem, ops_pop, touched)
+        except BaseException:
+            self._pending_vals = list(it)      # taken off the ring: never to be lost
+            raise
+
+    def _dispatch_events(self, it: Any, conns: list, pool_mem: Any, ops_pop: Any,
+                         touched: Optional[list]) -> None:
         for t, i, res, aux in zip(it, it, it, it):
             if t == EV_DATA:
                 c = conns[i]
@@ -501,6 +521,9 @@ class UringEngine(BaseEngine):
         return touched
 
     def _accepted(self, srv: UringServer, fd: int, touched: Optional[list]) -> Optional[list]:
+        if srv._closing:                       # accepted just before close() took effect
+            os.close(fd)
+            return touched
         r = self._r
         slot = lib.px_conn_new(r, fd, 1)
         if slot < 0:

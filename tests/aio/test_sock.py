@@ -424,10 +424,10 @@ class _WeakBuffer(bytearray):
     """A bytearray that can be watched with a weakref."""
 
 
-def test_recv_into_buffer_kept_until_final_completion(loop):
-    """The engine's rule, through the loop: a buffer handed to the kernel by
-    sock_recv_into stays referenced after the awaiting task is cancelled and the caller
-    dropped it, until the cancelled op's final completion has arrived."""
+def test_sendall_buffer_kept_until_final_completion(loop):
+    """The engine's rule, through the loop: the data a sock_sendall handed to the kernel
+    stays referenced after the awaiting task is cancelled and the caller dropped it,
+    until the cancelled send's final completion has arrived."""
     import gc
     import weakref
 
@@ -439,25 +439,28 @@ def test_recv_into_buffer_kept_until_final_completion(loop):
     nonblocking(b)
 
     async def main():
-        buf = _WeakBuffer(4096)
-        ref = weakref.ref(buf)
-        task = asyncio.ensure_future(loop.sock_recv_into(a, buf))
+        data = _WeakBuffer(32 << 20)              # far more than the socket buffers hold
+        ref = weakref.ref(data)
+        task = asyncio.ensure_future(loop.sock_sendall(a, data))
         await asyncio.sleep(0.05)
-        pinned = engine.stats().pinned_objects
-        assert pinned >= 1
-        del buf
+        assert not task.done()
+        assert engine.stats().pinned_objects >= 1
+        del data
         gc.collect()
-        assert ref() is not None, "the op must hold the buffer while the kernel may write it"
+        assert ref() is not None, "the op must hold the data while the kernel may read it"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        gc.collect()                               # the task and its frame are gone now
+        if engine.stats().pinned_objects:          # the send's final completion is to come
+            assert ref() is not None, "released before the kernel was done with it"
         for _ in range(100):                       # the cancel's completion, then release
             gc.collect()
             if ref() is None:
                 break
             await asyncio.sleep(0.01)
-        assert ref() is None, "the buffer is released after the final completion"
-        assert engine.stats().pinned_objects == pinned - 1
+        assert ref() is None, "the data is released after the final completion"
+        assert engine.stats().pinned_objects == 0
 
     try:
         run(loop, main())
