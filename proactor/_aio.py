@@ -18,9 +18,10 @@ How it fits together
   target, ``sock_sendall``'s data) stays referenced by its op until the op's final
   completion, also when the awaiting task is cancelled (the op is cancelled, its
   completion still awaited by the engine).
-* ``add_reader``/``add_writer`` are one-shot poll requests re-armed after each callback.
+* ``add_reader``/``add_writer`` live in one epoll set whose fd has a poll request in the
+  ring, re-armed each turn after the callbacks ran (level-triggered, as a selector).
 
-* Pipes use asyncio's Unix pipe transports over those poll requests; a subprocess's exit
+* Pipes use asyncio's Unix pipe transports over those readers/writers; a subprocess's exit
   is a poll completion on its pidfd (a thread waiting in ``waitpid`` where pidfds are
   missing); signal handlers run from the ring's wakeup, which ``set_wakeup_fd`` feeds.
 
@@ -71,6 +72,8 @@ class _RingSelector:
         if eng._pending_vals:                  # cut short by an exception last time
             eng._flush_pending()
             timeout = 0
+        if self._loop._watches and self._loop._epoll_op is None:
+            self._loop._arm_epoll()
         if eng._cmds:
             eng._run_cmds()
             timeout = 0
@@ -447,8 +450,9 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._listeners: dict[int, Any] = {}
         self._signal_handlers: dict[int, asyncio.Handle] = {}
         self._transports: Any = weakref.WeakValueDictionary()   # asyncio's datagram transport
-        self._readers: dict[int, list] = {}
-        self._writers: dict[int, list] = {}
+        self._watches: dict[int, list] = {}    # fd -> [reader handle, writer handle]
+        self._epoll: Any = None
+        self._epoll_op: Any = None
 
     def _ring(self) -> Any:
         """The engine, its ring set up on first use, on the calling thread: the thread
@@ -493,6 +497,10 @@ class ProactorEventLoop(base_events.BaseEventLoop):
             for sig in list(self._signal_handlers):
                 self.remove_signal_handler(sig)
         self._close_engine()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        self._watches.clear()
         super().close()
 
     def _close_engine(self) -> None:
@@ -861,70 +869,97 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         if sig not in signal.valid_signals():
             raise ValueError(f"invalid signal number {sig}")
 
-    # -- readiness callbacks
+    # -- readiness callbacks: one epoll set, whose fd the ring polls. An fd closed
+    # without remove_reader drops out of the set by itself (as with a selector loop);
+    # a poll request of the ring per fd would keep the socket open in the kernel.
     def add_reader(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
-        self._add_poller(self._readers, _fileno(fd), select.POLLIN, callback, args)
+        self._add_watch(_fileno(fd), 0, callback, args)
 
     def remove_reader(self, fd: Any) -> bool:
-        return self._remove_poller(self._readers, _fileno(fd))
+        return self._remove_watch(_fileno(fd), 0)
 
     def add_writer(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
-        self._add_poller(self._writers, _fileno(fd), select.POLLOUT, callback, args)
+        self._add_watch(_fileno(fd), 1, callback, args)
 
     def remove_writer(self, fd: Any) -> bool:
-        return self._remove_poller(self._writers, _fileno(fd))
+        return self._remove_watch(_fileno(fd), 1)
 
     _add_reader = add_reader
     _remove_reader = remove_reader
     _add_writer = add_writer
     _remove_writer = remove_writer
 
-    def _add_poller(self, table: dict, fd: int, mask: int, callback: Callable[..., Any],
-                    args: tuple) -> None:
+    @staticmethod
+    def _watch_mask(ent: list) -> int:
+        return (select.EPOLLIN if ent[0] is not None else 0) | \
+               (select.EPOLLOUT if ent[1] is not None else 0)
+
+    def _add_watch(self, fd: int, which: int, callback: Callable[..., Any],
+                   args: tuple) -> None:
         self._check_closed()
+        if self._epoll is None:
+            self._epoll = select.epoll()
         handle = asyncio.Handle(callback, args, self, None)
-        old = table.get(fd)
-        table[fd] = [handle, None, mask]
+        ent = self._watches.get(fd)
+        new = ent is None
+        if new:
+            ent = [None, None]
+        old = ent[which]
+        ent[which] = handle
+        mask = self._watch_mask(ent)
+        try:
+            if new:
+                self._epoll.register(fd, mask)
+            else:
+                try:
+                    self._epoll.modify(fd, mask)
+                except FileNotFoundError:        # closed and reused since: register anew
+                    self._epoll.register(fd, mask)
+        except BaseException:
+            ent[which] = old
+            raise
+        self._watches[fd] = ent
         if old is not None:
-            old[0].cancel()
-            if old[1] is not None:
-                old[1].cancel()
-        self._arm_poller(table, fd)
+            old.cancel()
+        self._arm_epoll()
 
-    def _arm_poller(self, table: dict, fd: int) -> None:
-        ent = table.get(fd)
-        if ent is None or ent[1] is not None:
-            return
-        op_box: list = []
-
-        def done(op: Any) -> None:
-            e = table.get(fd)
-            if e is None or e[1] is not op_box[0]:
-                return                         # removed or replaced meanwhile
-            e[1] = None
-            if op.exception() is None:
-                self.call_soon(self._run_poller, table, fd, e[0])
-
-        op_box.append(self._ring().poll(fd, ent[2], done))
-        ent[1] = op_box[0]
-
-    def _run_poller(self, table: dict, fd: int, handle: asyncio.Handle) -> None:
-        e = table.get(fd)
-        if e is None or e[0] is not handle or handle.cancelled():
-            return
-        handle._run()
-        e = table.get(fd)
-        if e is not None and e[0] is handle:
-            self._arm_poller(table, fd)        # level-triggered: fires again if still ready
-
-    def _remove_poller(self, table: dict, fd: int) -> bool:
-        ent = table.pop(fd, None)
-        if ent is None:
+    def _remove_watch(self, fd: int, which: int) -> bool:
+        ent = self._watches.get(fd)
+        if ent is None or ent[which] is None:
             return False
-        ent[0].cancel()
-        if ent[1] is not None:
-            ent[1].cancel()
+        ent[which].cancel()
+        ent[which] = None
+        mask = self._watch_mask(ent)
+        try:
+            if mask:
+                self._epoll.modify(fd, mask)
+            else:
+                del self._watches[fd]
+                self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass                                 # already gone with the fd
         return True
+
+    def _arm_epoll(self) -> None:
+        """Keep one poll request on the epoll fd while anything is watched (re-armed at
+        each turn, after the callbacks of the last readiness have run)."""
+        if self._epoll_op is None and self._watches and self._epoll is not None:
+            self._epoll_op = self._ring().poll(self._epoll.fileno(), select.POLLIN,
+                                               self._epoll_ready)
+
+    def _epoll_ready(self, op: Any) -> None:
+        self._epoll_op = None
+        if op.exception() is not None:
+            return                               # cancelled: the loop is closing
+        watches = self._watches
+        for fd, ev in self._epoll.poll(0):       # level-triggered, like a selector
+            ent = watches.get(fd)
+            if ent is None:
+                continue
+            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and ent[0] is not None:
+                self._add_callback(ent[0])
+            if ev & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) and ent[1] is not None:
+                self._add_callback(ent[1])
 
 
 async def _await_op(fut: asyncio.Future, op: Any) -> Any:

@@ -501,3 +501,25 @@ def test_cancel_500_pending_sock_sendall(loop):
     finally:
         for s in clients + servers:
             s.close()
+
+
+def test_closing_a_watched_socket_closes_it(loop):
+    """A socket watched with add_reader and closed without remove_reader really closes
+    (the peer sees EOF), as with a selector loop."""
+    a, b = socket.socketpair()
+    nonblocking(a)
+    b.settimeout(5)
+
+    async def main():
+        loop.add_reader(a, lambda: None)
+        await asyncio.sleep(0.01)
+        a.close()
+        await asyncio.sleep(0.05)
+        assert b.recv(10) == b""
+        loop.remove_reader(a)
+
+    try:
+        run(loop, main())
+    finally:
+        a.close()
+        b.close()
