@@ -284,6 +284,7 @@ class UringEngine(BaseEngine):
         self._shutdown: Optional[dict] = None
         self._final_stats: Optional[Stats] = None
         self._pending_vals: list = []        # events an exception kept from dispatch
+        self._touched: list = []             # pools given events in the current batch
         self._life_lock = threading.Lock()   # held to free the ring, and to read it
 
     # ------------------------------------------------------------------ running
@@ -435,16 +436,24 @@ class UringEngine(BaseEngine):
         conns = self._conns
         pool_mem = self._pool_mem
         ops_pop = self._ops.pop
-        touched: Optional[list] = None
         it = iter(vals)
         try:
-            self._dispatch_events(it, conns, pool_mem, ops_pop, touched)
+            self._dispatch_events(it, conns, pool_mem, ops_pop)
         except BaseException:
             self._pending_vals = list(it)      # taken off the ring: never to be lost
             raise
+        finally:
+            self._submit_batches()             # what was queued for workers goes now
 
-    def _dispatch_events(self, it: Any, conns: list, pool_mem: Any, ops_pop: Any,
-                         touched: Optional[list]) -> None:
+    def _submit_batches(self) -> None:
+        """Hand each worker pool the events queued for it during this batch."""
+        touched, self._touched = self._touched, []
+        for p in touched:
+            batch, p._batch = p._batch, []
+            p.submit(batch)
+
+    def _dispatch_events(self, it: Any, conns: list, pool_mem: Any, ops_pop: Any) -> None:
+        touched = self._touched
         for t, i, res, aux in zip(it, it, it, it):
             if t == EV_DATA:
                 c = conns[i]
@@ -466,8 +475,6 @@ class UringEngine(BaseEngine):
                         b[j] = (c, DATA, b[j][2] + pool_mem[aux:aux + res])
                         continue
                     if not b:
-                        if touched is None:
-                            touched = []
                         touched.append(p)
                     c._bidx = len(b)
                     b.append((c, DATA, pool_mem[aux:aux + res]))
@@ -482,7 +489,7 @@ class UringEngine(BaseEngine):
             elif t == EV_ACCEPT:
                 srv = conns[i]
                 if res >= 0:
-                    touched = self._accepted(srv, res, touched)
+                    self._accepted(srv, res)
                 else:
                     exc = os_error(res, "accept")
                     logger.warning("accept on %s failed: %s; retrying in 0.1 s",
@@ -491,61 +498,52 @@ class UringEngine(BaseEngine):
             elif t == EV_EOF:
                 c = conns[i]
                 if res == 0:
-                    touched = self._deliver(c, EOF, None, touched)
+                    self._deliver(c, EOF, None)
                 else:
                     c._fail(os_error(res, "recv"))
             elif t == EV_CLOSED:
-                touched = self._closed_slot(i, res, aux, touched)
+                self._closed_slot(i, res, aux)
             elif t == EV_WAKE:
                 self._wake_pending = False
             elif t == EV_DRAINED:
                 c = conns[i]
                 if c is not None:
                     c._on_drained()
-        if touched:
-            for p in touched:
-                batch, p._batch = p._batch, []
-                p.submit(batch)
 
-    def _deliver(self, c: UringConnection, kind: int, arg: Any,
-                 touched: Optional[list]) -> Optional[list]:
+    def _deliver(self, c: UringConnection, kind: int, arg: Any) -> None:
         p = c._wpool
         if p is None:
             run_handler_event(c, kind, arg)
-            return touched
+            return
         if not p._batch:
-            if touched is None:
-                touched = []
-            touched.append(p)
+            self._touched.append(p)
         p._batch.append((c, kind, arg))
-        return touched
 
-    def _accepted(self, srv: UringServer, fd: int, touched: Optional[list]) -> Optional[list]:
+    def _accepted(self, srv: UringServer, fd: int) -> None:
         if srv._closing:                       # accepted just before close() took effect
             os.close(fd)
-            return touched
+            return
         r = self._r
         slot = lib.px_conn_new(r, fd, 1)
         if slot < 0:
             os.close(fd)
             logger.error("cannot register accepted socket: %s", os.strerror(-slot))
-            return touched
+            return
         c = UringConnection(self, slot, lib.px_conn_gen(r, slot), fd, srv, srv.pool)
         self._set_conn(slot, c)
         if not c._make_handler(srv._factory):
             lib.px_close(r, slot, c._gen, 1)
-            return touched
-        return self._deliver(c, MADE, None, touched)
+            return
+        self._deliver(c, MADE, None)
 
-    def _closed_slot(self, slot: int, res: int, kind: int,
-                     touched: Optional[list]) -> Optional[list]:
+    def _closed_slot(self, slot: int, res: int, kind: int) -> None:
         c = self._conns[slot]
         self._conns[slot] = None
         if isinstance(c, UringServer):
             c._open_listeners -= 1
-            return touched
+            return
         if c is None:
-            return touched
+            return
         c._closed = True
         c._closing = True
         if c._fail_exc is not None:
@@ -556,7 +554,7 @@ class UringEngine(BaseEngine):
             exc = None
         if c._drain_cbs:
             c._on_drained()
-        return self._deliver(c, LOST, exc, touched)
+        self._deliver(c, LOST, exc)
 
     def _set_conn(self, slot: int, obj: Any) -> None:
         conns = self._conns
