@@ -11,6 +11,7 @@ from .utils import (
     CollectProtocol,
     EchoServerProtocol,
     MiB,
+    assert_ring_idle,
     ensure_fd_limit,
     ipv6_loopback_available,
     payload,
@@ -355,16 +356,8 @@ def test_cancel_2000_pending_sock_recv(loop):
         for i in (0, N // 2, N - 1):
             clients[i].send(b"still here %d" % i)
             assert await loop.sock_recv(servers[i], 1024) == b"still here %d" % i
-        engine = getattr(loop, "_engine", None)
-        if engine is not None:
-            # every cancelled recv's final completion has come: nothing in flight but
-            # the wakeup read, no buffer pinned
-            for _ in range(100):
-                st = engine.stats()
-                if st.ops_in_flight == 1 and st.pinned_objects == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert (st.ops_in_flight, st.pinned_objects) == (1, 0), st
+        # every cancelled recv's final completion has come
+        await assert_ring_idle(loop)
 
     try:
         run(loop, main())
@@ -487,14 +480,7 @@ def test_cancel_500_pending_sock_sendall(loop):
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, asyncio.CancelledError) for r in results)
         await check_loop_still_echoes(loop)
-        engine = getattr(loop, "_engine", None)
-        if engine is not None:
-            for _ in range(100):
-                st = engine.stats()
-                if st.ops_in_flight == 1 and st.pinned_objects == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert (st.ops_in_flight, st.pinned_objects) == (1, 0), st
+        await assert_ring_idle(loop)
 
     try:
         run(loop, main())

@@ -137,3 +137,18 @@ async def wait_for_condition(predicate: Any, timeout: float = 5.0,
             raise AssertionError(f"timed out after {timeout} s waiting for "
                                  f"{message or predicate}")
         await asyncio.sleep(interval)
+
+
+async def assert_ring_idle(loop: asyncio.AbstractEventLoop) -> None:
+    """On proactor's loop: wait until nothing is in flight in its ring but the wakeup
+    read and no buffer is pinned (every cancelled request's final completion has come).
+    Nothing to check on other loops."""
+    engine = getattr(loop, "_engine", None)
+    if engine is None:
+        return
+    for _ in range(100):
+        st = engine.stats()
+        if st.ops_in_flight == 1 and st.pinned_objects == 0:
+            return
+        await asyncio.sleep(0.01)
+    assert (st.ops_in_flight, st.pinned_objects) == (1, 0), st
