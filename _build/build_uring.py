@@ -70,6 +70,7 @@ uint32_t px_conn_gen(struct px_ring *r, int slot);
 int px_conn_fd(struct px_ring *r, int slot);
 int px_conn_state(struct px_ring *r, int slot, int *inflight);
 int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t len);
+int px_sendfile(struct px_ring *r, int slot, uint32_t gen, int fd, uint64_t off, uint64_t count);
 int px_close(struct px_ring *r, int slot, uint32_t gen, int abort);
 int px_pause_reading(struct px_ring *r, int slot, uint32_t gen);
 int px_resume_reading(struct px_ring *r, int slot, uint32_t gen);
@@ -145,6 +146,7 @@ SOURCE = r"""
 #define PX_K_LINK 5     /* linked timeout attached to an op */
 #define PX_K_CANCEL 6   /* our own cancel requests */
 #define PX_K_WAKE 7     /* read on the wakeup pipe */
+#define PX_K_FREAD 8    /* read of a file queued by px_sendfile */
 #define UD(kind, idx) (((uint64_t)(kind) << 56) | (uint32_t)(idx))
 #define UD_KIND(ud) ((int)((ud) >> 56))
 #define UD_IDX(ud) ((int)(uint32_t)(ud))
@@ -161,6 +163,7 @@ SOURCE = r"""
 #define PX_IOV_MAX 64
 #define PX_MAX_EVENTS 4096
 #define PX_SEND_MAX ((size_t)1 << 30)          /* bytes per send request */
+#define PX_FILE_WINDOW ((size_t)128 << 10)      /* bytes of a queued file held at once */
 #define PX_CONN_BLOCK 1024
 #define PX_CONN_BLOCKS 1024                /* at most 1M connections per ring */
 #define PX_OP_BLOCK 256
@@ -178,8 +181,17 @@ struct px_stats {
 };
 
 /* One queued send: the bytes are copied in, so the caller's object is free at once;
- * the chunk itself is freed only after the send CQE that covered its last byte. */
-struct px_chunk { struct px_chunk *next; size_t len; size_t off; char data[]; };
+ * the chunk itself is freed only after the send CQE that covered its last byte.
+ *
+ * A file chunk (px_sendfile: ffd >= 0) holds a window of `cap` bytes that is filled
+ * from the file when it reaches the head of the queue (or the gather of a sendmsg):
+ * `fleft` bytes of the file are still to be read at `foff`. data[off:len] is what is
+ * loaded and not yet sent; off == len with fleft > 0 means "load the next window". */
+struct px_chunk {
+    struct px_chunk *next; size_t len; size_t off;
+    int ffd; size_t cap; uint64_t foff; uint64_t fleft;
+    char data[];
+};
 
 enum {
     C_USED = 1, C_LISTENER = 2, C_READ = 4,     /* C_READ: recv wanted (not paused) */
@@ -358,6 +370,8 @@ int px_set_wakeup(struct px_ring *r, int fd)
     return 0;
 }
 
+static void chunks_free(struct px_chunk *ch);
+
 /* Free what the ring owns. Must only be called once px_inflight() is 0: a buffer or
  * op record still referenced by the kernel is never freed (the caller leaks instead). */
 void px_destroy(struct px_ring *r)
@@ -365,8 +379,7 @@ void px_destroy(struct px_ring *r)
     io_uring_queue_exit(&r->ring);
     if (r->br) munmap(r->br, r->br_size);
     for (int i = 0; i < r->nconns; i++) {
-        struct px_chunk *c = CONN(r, i)->head;
-        while (c) { struct px_chunk *n = c->next; free(c); c = n; }
+        chunks_free(CONN(r, i)->head);
     }
     for (int i = 0; i < r->nops; i++) free(OP(r, i)->iov);
     for (int b = 0; b < r->nops / PX_OP_BLOCK; b++) free(r->op_blocks[b]);
@@ -507,6 +520,17 @@ int px_conn_new(struct px_ring *r, int fd, int read)
     return slot;
 }
 
+static void chunk_free(struct px_chunk *ch)
+{
+    if (ch->ffd >= 0) close(ch->ffd);
+    free(ch);
+}
+
+static void chunks_free(struct px_chunk *ch)
+{
+    while (ch) { struct px_chunk *n = ch->next; chunk_free(ch); ch = n; }
+}
+
 /* The last request of a closing slot has completed: close the fd, free what is
  * queued, report PX_EV_CLOSED and put the slot back on the free list. */
 static void conn_finish(struct px_ring *r, int slot)
@@ -523,8 +547,7 @@ static void conn_finish(struct px_ring *r, int slot)
             ;
     }
     close(c->fd);
-    struct px_chunk *ch = c->head;
-    while (ch) { struct px_chunk *n = ch->next; free(ch); ch = n; }
+    chunks_free(c->head);
     r->st.send_queued -= (int64_t)c->queued;
     px_emit(r, PX_EV_CLOSED, slot, c->err, c->err_kind);
     c->head = c->tail = NULL; c->queued = 0;
@@ -552,16 +575,74 @@ static void conn_progress_close(struct px_ring *r, int slot)
     cancel_conn(r, slot);
 }
 
-/* Issue one send for the head of the queue: one chunk with send(), several gathered
- * into one sendmsg() (at most PX_IOV_MAX). */
-static void issue_send(struct px_ring *r, int slot)
+static void record_err(struct px_conn *c, int res, int kind);
+
+/* A file chunk must be (re)loaded before it can be sent. */
+#define CHUNK_NEEDS_LOAD(ch) ((ch)->ffd >= 0 && (ch)->off == (ch)->len)
+
+/* Load the next window of a file chunk from the page cache, without blocking
+ * (RWF_NOWAIT): bytes loaded, or -EAGAIN when the ring must read it (the data is not
+ * cached, or the file system cannot say without blocking), or -errno; -ENODATA if the
+ * file ended before the promised count. */
+static int chunk_load_nowait(struct px_chunk *ch)
+{
+    size_t want = ch->fleft < ch->cap ? (size_t)ch->fleft : ch->cap;
+    struct iovec v = { ch->data, want };
+    ssize_t n = preadv2(ch->ffd, &v, 1, (off_t)ch->foff, RWF_NOWAIT);
+    if (n > 0) {
+        ch->len = (size_t)n; ch->off = 0;
+        ch->foff += (uint64_t)n; ch->fleft -= (uint64_t)n;
+        return (int)n;
+    }
+    if (n == 0) return -ENODATA;
+    if (errno == EAGAIN || errno == EOPNOTSUPP || errno == EINTR) return -EAGAIN;
+    return -errno;
+}
+
+/* A queued file could not be read: the peer cannot get the bytes promised to it, so
+ * the connection fails (abort), reported with the error. */
+static void file_failed(struct px_ring *r, int slot, int err)
+{
+    struct px_conn *c = CONN(r, slot);
+    record_err(c, err, PX_K_FREAD);
+    c->flags |= C_CLOSING | C_ABORT;
+    if (c->flags & C_READ) cancel_recv(r, slot);
+    c->flags &= ~C_READ;
+    conn_progress_close(r, slot);
+}
+
+/* The head is a file chunk not in the page cache: let the ring read its next window;
+ * sending continues from on_fread. */
+static void issue_fread(struct px_ring *r, int slot)
 {
     struct px_conn *c = CONN(r, slot);
     struct io_uring_sqe *s = px_sqe(r);
     if (!s) { retry_later(r, slot, C_RETRY); return; }
     struct px_chunk *ch = c->head;
+    size_t want = ch->fleft < ch->cap ? (size_t)ch->fleft : ch->cap;
+    io_uring_prep_read(s, ch->ffd, ch->data, (unsigned)want, ch->foff);
+    io_uring_sqe_set_data64(s, UD(PX_K_FREAD, slot));
+    c->flags |= C_SENDING;                 /* nothing else goes out meanwhile */
+    c->inflight++;
+}
+
+/* Issue one send for the head of the queue: one chunk with send(), several gathered
+ * into one sendmsg() (at most PX_IOV_MAX). File chunks are loaded first: the head's
+ * from the page cache or by the ring; later ones only if cached (else the gather stops
+ * before them), and a file with more to load ends the gather. */
+static void issue_send(struct px_ring *r, int slot)
+{
+    struct px_conn *c = CONN(r, slot);
+    struct px_chunk *ch = c->head;
+    if (CHUNK_NEEDS_LOAD(ch)) {
+        int n = chunk_load_nowait(ch);
+        if (n == -EAGAIN) { issue_fread(r, slot); return; }
+        if (n < 0) { file_failed(r, slot, n); return; }
+    }
+    struct io_uring_sqe *s = px_sqe(r);
+    if (!s) { retry_later(r, slot, C_RETRY); return; }
     /* at most PX_SEND_MAX per send: the SQE's length is 32 bits (a short send follows) */
-    if (!ch->next) {
+    if (!ch->next || (ch->ffd >= 0 && ch->fleft)) {
         size_t len = ch->len - ch->off;
         io_uring_prep_send(s, c->fd, ch->data + ch->off, len < PX_SEND_MAX ? len : PX_SEND_MAX,
                            MSG_NOSIGNAL);
@@ -569,12 +650,16 @@ static void issue_send(struct px_ring *r, int slot)
     } else {
         int n = 0;
         size_t total = 0;
-        for (; ch && n < PX_IOV_MAX && total < PX_SEND_MAX; ch = ch->next, n++) {
+        for (; ch && n < PX_IOV_MAX && total < PX_SEND_MAX; ch = ch->next) {
+            if (CHUNK_NEEDS_LOAD(ch) && chunk_load_nowait(ch) <= 0)
+                break;                      /* loaded when it is the head */
             size_t len = ch->len - ch->off;
             if (len > PX_SEND_MAX - total) len = PX_SEND_MAX - total;
             c->iov[n].iov_base = ch->data + ch->off;
             c->iov[n].iov_len = len;
             total += len;
+            n++;
+            if (ch->ffd >= 0 && ch->fleft) break;   /* its next window comes first */
         }
         memset(&c->msg, 0, sizeof c->msg);
         c->msg.msg_iov = c->iov;
@@ -600,12 +685,39 @@ int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t 
     if (!ch) return -ENOMEM;
     memcpy(ch->data, data, len);
     ch->len = len; ch->off = 0; ch->next = NULL;
+    ch->ffd = -1; ch->cap = len; ch->foff = ch->fleft = 0;
     if (c->tail) c->tail->next = ch; else c->head = ch;
     c->tail = ch;
     c->queued += len;
     r->st.send_queued += (int64_t)len;
     if (!(c->flags & C_SENDING)) issue_send(r, slot);
     return c->queued > INT_MAX ? INT_MAX : (int)c->queued;   /* for flow control */
+}
+
+/* Queue `count` bytes of the file `fd` from `off`, to go out after what was queued
+ * before. The fd is duplicated (the caller may close its own at once); the file is read
+ * a window at a time as the queue reaches it, into memory owned here, and sent from
+ * there: the bytes never become Python objects, and at most PX_FILE_WINDOW of the file
+ * is held per queued file. Returns the bytes now queued on the connection (or -errno). */
+int px_sendfile(struct px_ring *r, int slot, uint32_t gen, int fd, uint64_t off, uint64_t count)
+{
+    struct px_conn *c = conn_get(r, slot, gen);
+    if (!c) return -EBADF;
+    if (c->flags & C_CLOSING) return -EPIPE;
+    if (c->err) return c->err;
+    if (count == 0) return c->queued > INT_MAX ? INT_MAX : (int)c->queued;
+    size_t cap = count < PX_FILE_WINDOW ? (size_t)count : PX_FILE_WINDOW;
+    struct px_chunk *ch = malloc(sizeof *ch + cap);
+    if (!ch) return -ENOMEM;
+    ch->ffd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (ch->ffd < 0) { int e = errno; free(ch); return -e; }
+    ch->len = ch->off = 0; ch->cap = cap; ch->foff = off; ch->fleft = count; ch->next = NULL;
+    if (c->tail) c->tail->next = ch; else c->head = ch;
+    c->tail = ch;
+    c->queued += count;
+    r->st.send_queued += (int64_t)count;
+    if (!(c->flags & C_SENDING)) issue_send(r, slot);
+    return c->queued > INT_MAX ? INT_MAX : (int)c->queued;
 }
 
 int64_t px_send_queued(struct px_ring *r, int slot, uint32_t gen)
@@ -777,9 +889,10 @@ static void on_send(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
         size_t avail = ch->len - ch->off;
         if (left < avail) { ch->off += left; left = 0; break; }
         left -= avail;
+        if (ch->ffd >= 0 && ch->fleft) { ch->off = ch->len; break; }  /* load the next */
         c->head = ch->next;
         if (!c->head) c->tail = NULL;
-        free(ch);
+        chunk_free(ch);
     }
     if (c->head && !(c->flags & C_ABORT)) {
         issue_send(r, slot);                /* short send or more queued: continue */
@@ -790,6 +903,22 @@ static void on_send(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
         px_emit(r, PX_EV_DRAINED, slot, 0, 0);
     }
     conn_progress_close(r, slot);
+}
+
+/* The ring read the next window of the file at the head of the queue. */
+static void on_fread(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
+{
+    struct px_conn *c = CONN(r, slot);
+    int res = cqe->res;
+    c->inflight--;
+    c->flags &= ~C_SENDING;
+    if (c->flags & C_ABORT) { conn_progress_close(r, slot); return; }
+    if (res == -EINTR || res == -EAGAIN) { issue_fread(r, slot); return; }
+    if (res <= 0) { file_failed(r, slot, res ? res : -ENODATA); return; }
+    struct px_chunk *ch = c->head;
+    ch->len = (size_t)res; ch->off = 0;
+    ch->foff += (uint64_t)res; ch->fleft -= (uint64_t)res;
+    issue_send(r, slot);
 }
 
 /* Put a finished op record on the list of those reusable from the next batch. */
@@ -835,6 +964,7 @@ static int px_handle(struct px_ring *r, struct io_uring_cqe *cqe)
     switch (kind) {
     case PX_K_RECV: on_recv(r, idx, cqe); break;
     case PX_K_SEND: on_send(r, idx, cqe); break;
+    case PX_K_FREAD: on_fread(r, idx, cqe); break;
     case PX_K_ACCEPT: on_accept(r, idx, cqe); break;
     case PX_K_OP: op_cqe(r, idx, cqe, 0); break;
     case PX_K_LINK: op_cqe(r, idx, cqe, 1); break;

@@ -19,7 +19,9 @@ import dataclasses
 import errno
 import heapq
 import logging
+import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -447,6 +449,47 @@ class BaseConnection:
 
     def _send_now(self, data: bytes) -> None:
         """Backend: queue ``data`` to go out after what was queued before (engine's thread)."""
+        raise NotImplementedError
+
+    def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> None:
+        """Queue ``count`` bytes of a regular file (an fd or an object with ``fileno()``)
+        from ``offset`` (to its end if ``count`` is None), after what was queued before.
+
+        The file is duplicated at once: the caller may close its own fd as soon as this
+        returns. The bytes are read when the queue reaches them, a window at a time, and
+        never pass through Python objects (io_uring: read by the kernel into memory the
+        engine owns and sent from there; trio: ``os.sendfile``). They count in
+        ``get_write_buffer_size()`` until sent. If the file turns out shorter than
+        promised, or cannot be read, the connection is aborted and ``connection_lost``
+        gets the ``OSError`` (``ENODATA`` for a short file; operation "sendfile").
+
+        Raises ``BrokenPipeError`` once the connection is closing, ``OSError`` if the
+        fd is not a readable regular file, ``ValueError`` for a negative offset or count."""
+        if self._closing:
+            raise os_error(errno.EPIPE, "sendfile")
+        fd = file if isinstance(file, int) else file.fileno()
+        if offset < 0 or (count is not None and count < 0):
+            raise ValueError("offset and count must be >= 0")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file: fd {fd} (sendfile)")
+        if count is None:
+            count = max(0, st.st_size - offset)
+        if not count:
+            return
+        if _get_ident() == self._engine._thread_id:
+            self._sendfile_now(fd, offset, count, False)
+            return
+        dup = os.dup(fd)                     # the caller may close ``fd`` once we return
+        try:
+            self._engine._post(self._sendfile_now, dup, offset, count, True)
+        except BaseException:
+            os.close(dup)
+            raise
+
+    def _sendfile_now(self, fd: int, offset: int, count: int, owned: bool) -> None:
+        """Backend: queue ``count`` bytes of file ``fd`` from ``offset`` (engine's thread);
+        close ``fd`` when done with it if ``owned``, else duplicate it."""
         raise NotImplementedError
 
     def get_write_buffer_size(self) -> int:

@@ -108,7 +108,7 @@ SETUP_FLAGS_TRIED = (
 )
 
 EV_ACCEPT, EV_DATA, EV_EOF, EV_CLOSED, EV_OP, EV_WAKE, EV_DRAINED = range(1, 8)
-_KIND_NAMES = {1: "accept", 2: "recv", 3: "send", 4: "op"}
+_KIND_NAMES = {1: "accept", 2: "recv", 3: "send", 4: "op", 8: "sendfile"}
 
 #: Memory that the kernel may still reference when an engine had to give up waiting
 #: for final completions. Never freed, on purpose (see the module docstring).
@@ -169,6 +169,13 @@ class UringConnection(BaseConnection):
 
     def _send_now(self, data: bytes) -> None:
         lib.px_send(self._r, self._slot, self._gen, data, len(data))
+
+    def _sendfile_now(self, fd: int, offset: int, count: int, owned: bool) -> None:
+        try:
+            lib.px_sendfile(self._r, self._slot, self._gen, fd, offset, count)
+        finally:
+            if owned:
+                os.close(fd)
 
     def _queued_size(self) -> int:
         with self._engine._life_lock:       # another thread may be asking while it closes

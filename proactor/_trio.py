@@ -133,6 +133,55 @@ _wait_writable = trio.lowlevel.wait_writable
 #: Per-call "do not block" flag for socket calls (absent on Windows).
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
+_HAVE_SENDFILE = hasattr(os, "sendfile")
+_HAVE_PREAD = hasattr(os, "pread")
+_FILE_WINDOW = 128 * 1024          # bytes read at a time where os.sendfile is missing
+_SENDFILE_MAX = 1 << 30            # bytes asked of one os.sendfile call
+
+
+class _FileChunk:
+    """A queued part of a file (``conn.sendfile``): its own fd, closed when done."""
+
+    __slots__ = ("fd", "offset", "left", "no_sendfile")
+
+    def __init__(self, fd: int, offset: int, left: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.left = left
+        self.no_sendfile = not _HAVE_SENDFILE
+
+    def __len__(self) -> int:
+        return self.left
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def send_some(self, sock: socket.socket) -> int:
+        """Send what the socket takes now; BlockingIOError if nothing."""
+        if not self.no_sendfile:
+            try:
+                n = os.sendfile(sock.fileno(), self.fd, self.offset,
+                                min(self.left, _SENDFILE_MAX))
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                                   errno.ENOTSOCK):
+                    raise
+                self.no_sendfile = True      # e.g. a file system without it: read instead
+            else:
+                if n == 0:
+                    raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+                return n
+        want = min(self.left, _FILE_WINDOW)
+        if _HAVE_PREAD:
+            data = os.pread(self.fd, want, self.offset)
+        else:
+            os.lseek(self.fd, self.offset, os.SEEK_SET)
+            data = os.read(self.fd, want)
+        if not data:
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        return sock.send(data)
 _IOV_MAX = 64
 #: connect_ex results that mean "in progress".
 _CONNECT_PENDING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
@@ -169,7 +218,7 @@ class TrioConnection(BaseConnection):
     called from any thread; everything else from the handler (or the engine's thread)."""
 
     __slots__ = ("_sock", "_aborted", "_bp_paused", "_sd_paused", "_no_read", "_rpark",
-                 "_sendq", "_sendq_bytes", "_writing", "_tasks", "_rscope", "_wscope")
+                 "_sendq", "_sendq_bytes", "_nfiles", "_writing", "_tasks", "_rscope", "_wscope")
 
     def __init__(self, engine: TrioEngine, sock: socket.socket, server: Optional[TrioServer],
                  pool: Optional[WorkerPool]) -> None:
@@ -182,6 +231,7 @@ class TrioConnection(BaseConnection):
         self._rpark: Any = None          # trio.Event the paused reader waits on
         self._sendq: deque = deque()     # what the kernel has not taken yet, in order
         self._sendq_bytes = 0
+        self._nfiles = 0                 # _FileChunk items in _sendq
         self._writing = False            # a writer task exists
         self._tasks = 0                  # reader + writer tasks not yet exited
         self._rscope = trio.CancelScope()
@@ -216,6 +266,24 @@ class TrioConnection(BaseConnection):
         n = len(data)
         self._sendq_bytes += n
         eng._send_queued += n
+        if not self._writing:
+            self._writing = True
+            self._tasks += 1
+            self._wscope = trio.CancelScope()
+            eng._nwrite += 1
+            eng._nursery.start_soon(eng._writer, self)
+
+    def _sendfile_now(self, fd: int, offset: int, count: int, owned: bool) -> None:
+        if self._closed or self._aborted:
+            if owned:
+                os.close(fd)
+            return
+        f = _FileChunk(fd if owned else os.dup(fd), offset, count)
+        eng = self._engine
+        self._sendq.append(f)
+        self._nfiles += 1
+        self._sendq_bytes += count
+        eng._send_queued += count
         if not self._writing:
             self._writing = True
             self._tasks += 1
@@ -277,6 +345,11 @@ class TrioConnection(BaseConnection):
     def _drop_queue(self) -> None:
         if self._sendq:
             self._engine._send_queued -= self._sendq_bytes
+            if self._nfiles:
+                for item in self._sendq:
+                    if type(item) is _FileChunk:
+                        item.close()
+                self._nfiles = 0
             self._sendq.clear()
             self._sendq_bytes = 0
 
@@ -626,11 +699,39 @@ class TrioEngine(BaseEngine):
                     await wait(fd)
                     if not q:
                         break            # aborted after epoll had already woken us
+                    head = q[0]
                     try:
+                        if type(head) is _FileChunk:
+                            try:
+                                n = head.send_some(sock)
+                            except BlockingIOError:
+                                continue
+                            except OSError as e:
+                                c._fail(os_error(e.errno or errno.EIO, "sendfile"))
+                                return
+                            head.offset += n
+                            head.left -= n
+                            if not head.left:
+                                q.popleft()
+                                head.close()
+                                c._nfiles -= 1
+                            self._ncompleted += 1
+                            self._bytes_out += n
+                            c._sendq_bytes -= n
+                            self._send_queued -= n
+                            continue
                         if _HAVE_SENDMSG and len(q) > 1:
-                            n = sock.sendmsg(islice(q, _IOV_MAX))
+                            if c._nfiles:    # gather up to the first file only
+                                chunks = []
+                                for item in islice(q, _IOV_MAX):
+                                    if type(item) is _FileChunk:
+                                        break
+                                    chunks.append(item)
+                                n = sock.sendmsg(chunks)
+                            else:
+                                n = sock.sendmsg(islice(q, _IOV_MAX))
                         else:
-                            n = sock.send(q[0])
+                            n = sock.send(head)
                     except BlockingIOError:
                         continue
                     except OSError as e:
