@@ -183,12 +183,14 @@ struct px_stats {
 /* One queued send: the bytes are copied in, so the caller's object is free at once;
  * the chunk itself is freed only after the send CQE that covered its last byte.
  *
- * A file chunk (px_sendfile: ffd >= 0) holds a window of `cap` bytes that is filled
- * from the file when it reaches the head of the queue (or the gather of a sendmsg):
- * `fleft` bytes of the file are still to be read at `foff`. data[off:len] is what is
- * loaded and not yet sent; off == len with fleft > 0 means "load the next window". */
+ * A file chunk (px_sendfile: ffd >= 0) gets a window of `cap` bytes (p, allocated
+ * when first needed) that is filled from the file when the chunk reaches the head of
+ * the queue (or the gather of a sendmsg): `fleft` bytes of the file are still to be
+ * read at `foff`. p[off:len] is what is loaded and not yet sent; off == len with
+ * fleft > 0 means "load the next window". A bytes chunk has p == data. */
 struct px_chunk {
     struct px_chunk *next; size_t len; size_t off;
+    char *p;
     int ffd; size_t cap; uint64_t foff; uint64_t fleft;
     char data[];
 };
@@ -522,7 +524,7 @@ int px_conn_new(struct px_ring *r, int fd, int read)
 
 static void chunk_free(struct px_chunk *ch)
 {
-    if (ch->ffd >= 0) close(ch->ffd);
+    if (ch->ffd >= 0) { close(ch->ffd); free(ch->p); }
     free(ch);
 }
 
@@ -587,7 +589,8 @@ static void record_err(struct px_conn *c, int res, int kind);
 static int chunk_load_nowait(struct px_chunk *ch)
 {
     size_t want = ch->fleft < ch->cap ? (size_t)ch->fleft : ch->cap;
-    struct iovec v = { ch->data, want };
+    if (!ch->p && !(ch->p = malloc(ch->cap))) return -ENOMEM;
+    struct iovec v = { ch->p, want };
     ssize_t n = preadv2(ch->ffd, &v, 1, (off_t)ch->foff, RWF_NOWAIT);
     if (n > 0) {
         ch->len = (size_t)n; ch->off = 0;
@@ -616,11 +619,12 @@ static void file_failed(struct px_ring *r, int slot, int err)
 static void issue_fread(struct px_ring *r, int slot)
 {
     struct px_conn *c = CONN(r, slot);
+    struct px_chunk *ch = c->head;
+    if (!ch->p && !(ch->p = malloc(ch->cap))) { file_failed(r, slot, -ENOMEM); return; }
     struct io_uring_sqe *s = px_sqe(r);
     if (!s) { retry_later(r, slot, C_RETRY); return; }
-    struct px_chunk *ch = c->head;
     size_t want = ch->fleft < ch->cap ? (size_t)ch->fleft : ch->cap;
-    io_uring_prep_read(s, ch->ffd, ch->data, (unsigned)want, ch->foff);
+    io_uring_prep_read(s, ch->ffd, ch->p, (unsigned)want, ch->foff);
     io_uring_sqe_set_data64(s, UD(PX_K_FREAD, slot));
     c->flags |= C_SENDING;                 /* nothing else goes out meanwhile */
     c->inflight++;
@@ -644,18 +648,20 @@ static void issue_send(struct px_ring *r, int slot)
     /* at most PX_SEND_MAX per send: the SQE's length is 32 bits (a short send follows) */
     if (!ch->next || (ch->ffd >= 0 && ch->fleft)) {
         size_t len = ch->len - ch->off;
-        io_uring_prep_send(s, c->fd, ch->data + ch->off, len < PX_SEND_MAX ? len : PX_SEND_MAX,
+        io_uring_prep_send(s, c->fd, ch->p + ch->off, len < PX_SEND_MAX ? len : PX_SEND_MAX,
                            MSG_NOSIGNAL);
         c->nsend = 1;
     } else {
         int n = 0;
         size_t total = 0;
         for (; ch && n < PX_IOV_MAX && total < PX_SEND_MAX; ch = ch->next) {
-            if (CHUNK_NEEDS_LOAD(ch) && chunk_load_nowait(ch) <= 0)
+            /* a file further back is loaded only if cached and while the gather is
+             * small: at most about two windows of file data are held per connection */
+            if (CHUNK_NEEDS_LOAD(ch) && (total >= PX_FILE_WINDOW || chunk_load_nowait(ch) <= 0))
                 break;                      /* loaded when it is the head */
             size_t len = ch->len - ch->off;
             if (len > PX_SEND_MAX - total) len = PX_SEND_MAX - total;
-            c->iov[n].iov_base = ch->data + ch->off;
+            c->iov[n].iov_base = ch->p + ch->off;
             c->iov[n].iov_len = len;
             total += len;
             n++;
@@ -685,7 +691,7 @@ int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t 
     if (!ch) return -ENOMEM;
     memcpy(ch->data, data, len);
     ch->len = len; ch->off = 0; ch->next = NULL;
-    ch->ffd = -1; ch->cap = len; ch->foff = ch->fleft = 0;
+    ch->p = ch->data; ch->ffd = -1; ch->cap = len; ch->foff = ch->fleft = 0;
     if (c->tail) c->tail->next = ch; else c->head = ch;
     c->tail = ch;
     c->queued += len;
@@ -707,8 +713,9 @@ int px_sendfile(struct px_ring *r, int slot, uint32_t gen, int fd, uint64_t off,
     if (c->err) return c->err;
     if (count == 0) return c->queued > INT_MAX ? INT_MAX : (int)c->queued;
     size_t cap = count < PX_FILE_WINDOW ? (size_t)count : PX_FILE_WINDOW;
-    struct px_chunk *ch = malloc(sizeof *ch + cap);
+    struct px_chunk *ch = malloc(sizeof *ch);
     if (!ch) return -ENOMEM;
+    ch->p = NULL;                           /* the window: allocated when first loaded */
     ch->ffd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (ch->ffd < 0) { int e = errno; free(ch); return -e; }
     ch->len = ch->off = 0; ch->cap = cap; ch->foff = off; ch->fleft = count; ch->next = NULL;
