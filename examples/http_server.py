@@ -1,0 +1,754 @@
+"""HTTP/1.1 static file server: the reference application of the server-model chapter.
+
+usage: python examples/http_server.py [--root DIR] [--host H] [--workers N] [--backend B]
+                                      [--access-log] [--listing] [--hello] PORT
+
+Serves the files under ``--root`` (default: the demo site next to this file) with GET
+and HEAD: keep-alive and pipelining (answers in request order), ``Last-Modified`` /
+``If-Modified-Since``, ``ETag`` / ``If-None-Match``, single byte ranges (206/416) with
+``If-Range``, MIME types from :mod:`mimetypes`, ``index.html`` for a directory and no
+listing unless ``--listing``. File bodies go out with ``conn.sendfile``: the engine reads
+them a window at a time and they never pass through Python objects, so a large file is
+streamed with bounded memory.
+
+The module has two halves. The protocol (``HTTPSession``, ``StaticSite``, ``Limits``) does
+no I/O on sockets: bytes in, ``Response`` objects out, testable without a network. The
+handler (``HTTPHandler``) glues a session to an engine connection. With ``--workers N``
+the handlers run on N threads (half-sync/half-async): opening and stat-ing files then
+happens off the I/O thread.
+
+Hardening, each with its status and a closed connection: request line over
+``max_request_line`` (414), header block over ``max_header_bytes`` or ``max_headers``
+(431), a request body over ``max_body`` (413; smaller bodies are read and ignored, RFC
+9112 frames a request by its headers whatever the method), unparsable requests (400),
+methods other than GET and HEAD (405), more than ``max_connections`` clients (503), a
+request head not complete within ``header_timeout`` (408: slowloris), an idle keep-alive
+connection past ``keepalive_timeout`` (closed), ``..`` segments, encoded or not, and NUL
+(400), files reached through a symlink leading out of the root (403).
+
+``--hello`` answers every request with the 78-byte reply of the benchmark peer
+(``Hello, World!``), to measure the engine and the parser alone.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # Run as a script, this folder comes first on sys.path, and examples/copy.py would
+    # shadow the standard library's ``copy`` module (which trio imports).
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import email.utils  # noqa: E402
+import errno  # noqa: E402
+import html  # noqa: E402
+import logging  # noqa: E402
+import mimetypes  # noqa: E402
+import stat  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.parse  # noqa: E402
+from collections import deque  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import httptools  # noqa: E402
+
+import proactor  # noqa: E402
+
+DEMO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_site")
+SERVER = b"proactor"
+access_log = logging.getLogger("proactor.http.access")
+logger = logging.getLogger("proactor.http")
+
+
+@dataclasses.dataclass
+class Limits:
+    max_request_line: int = 8192        # bytes of the request target -> 414
+    max_header_bytes: int = 16384       # bytes of the header block -> 431
+    max_headers: int = 100              # header fields -> 431
+    max_body: int = 65536               # request body bytes read and ignored -> else 413
+    max_connections: int = 10000        # open client connections -> 503
+    header_timeout: float = 10.0        # seconds for a whole request head (and body) -> 408
+    keepalive_timeout: float = 15.0     # seconds idle between requests -> closed
+    max_buffered_output: int = 1 << 20  # queued response bytes before pipelining waits
+
+
+# ----------------------------------------------------------------------- the protocol
+
+_REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently",
+            304: "Not Modified", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
+            414: "URI Too Long", 416: "Range Not Satisfiable",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+_date_lock = threading.Lock()
+_date_cache = (0, b"")
+
+
+def http_date(t: Optional[float] = None) -> bytes:
+    """An IMF-fixdate; the current one is cached for its second."""
+    global _date_cache
+    if t is not None:
+        return email.utils.formatdate(t, usegmt=True).encode()
+    now = int(time.time())
+    cached = _date_cache
+    if cached[0] != now:
+        cached = (now, email.utils.formatdate(now, usegmt=True).encode())
+        with _date_lock:
+            _date_cache = cached
+    return cached[1]
+
+
+class Request:
+    """One parsed request head."""
+
+    __slots__ = ("method", "target", "version", "headers", "keep_alive")
+
+    def __init__(self, method: bytes, target: bytes, version: str, headers: dict,
+                 keep_alive: bool) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers       # lower-case name -> value (repeats joined by ", ")
+        self.keep_alive = keep_alive
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method.decode()} {self.target!r} HTTP/{self.version}>"
+
+
+class Response:
+    """What to send: ``head`` (status line and headers), then ``body`` bytes or the part
+    ``file_offset``/``file_count`` of the open file ``file_fd`` (owned by the response:
+    whoever sends it closes it). ``close``: close the connection after it."""
+
+    __slots__ = ("status", "head", "body", "file_fd", "file_offset", "file_count", "close",
+                 "request")
+
+    def __init__(self, status: int, head: bytes, body: bytes = b"", file_fd: int = -1,
+                 file_offset: int = 0, file_count: int = 0, close: bool = False,
+                 request: Optional[Request] = None) -> None:
+        self.status = status
+        self.head = head
+        self.body = body
+        self.file_fd = file_fd
+        self.file_offset = file_offset
+        self.file_count = file_count
+        self.close = close
+        self.request = request
+
+    @property
+    def body_size(self) -> int:
+        return self.file_count if self.file_fd >= 0 else len(self.body)
+
+    def discard(self) -> None:
+        """Close the file of a response that will not be sent."""
+        if self.file_fd >= 0:
+            os.close(self.file_fd)
+            self.file_fd = -1
+
+
+def build_head(status: int, headers: list, *, close: bool, keep_alive_10: bool = False) -> bytes:
+    lines = [b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
+             % (status, _REASONS[status].encode(), SERVER, http_date())]
+    for name, value in headers:
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    elif keep_alive_10:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def error_response(status: int, request: Optional[Request] = None, *, close: bool = False,
+                   extra: tuple = ()) -> Response:
+    """A short HTML error page (no body for HEAD)."""
+    body = b"<html><body><h1>%d %s</h1></body></html>\n" % (status, _REASONS[status].encode())
+    close = close or request is None or not request.keep_alive
+    headers = [(b"Content-Type", b"text/html"), (b"Content-Length", b"%d" % len(body)),
+               *extra]
+    head = build_head(status, headers, close=close,
+                      keep_alive_10=request is not None and request.version == "1.0")
+    if request is not None and request.method == b"HEAD":
+        body = b""
+    return Response(status, head, body, close=close, request=request)
+
+
+class _Reject(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+# Session states: what the peer is in the middle of sending.
+IDLE, HEAD, BODY = 0, 1, 2
+
+
+class HTTPSession:
+    """The HTTP/1.1 protocol of one connection, without I/O: ``feed(data)`` parses what
+    arrived and queues requests (and errors); ``next_response()`` gives the responses in
+    request order. After a response with ``close`` set, nothing more comes out."""
+
+    def __init__(self, site: Any, limits: Limits) -> None:
+        self.site = site
+        self.limits = limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: deque = deque()        # Request or Response (an error), in order
+        self.state = IDLE
+        self.since = time.monotonic()        # when the current state began
+        self.served = 0                      # responses produced
+        self.done = False                    # a closing response is queued: parse no more
+        self._url: list = []
+        self._url_len = 0
+        self._headers: dict = {}
+        self._nheaders = 0
+        self._header_bytes = 0
+        self._head_seen = 0                  # bytes fed while in HEAD (the parser buffers)
+        self._body = 0
+        self._reject = 0
+
+    # -- input
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # An upgrade is not offered: the request was answered as a plain one; what
+            # follows belongs to another protocol, so the connection ends after it.
+            self._fail_after_last(None)
+        except httptools.HttpParserCallbackError:
+            self._fail_after_last(self._reject or 500)
+        except httptools.HttpParserError:
+            if not self.done:                # data after a "Connection: close" request
+                self._fail_after_last(400)
+        else:
+            if self.state == HEAD:
+                self._head_seen += len(data)
+                # the parser holds a header being received whole: bound it (an over-long
+                # target was refused by on_url already)
+                if self._head_seen > self.limits.max_request_line + self.limits.max_header_bytes:
+                    self._fail_after_last(431)
+
+    def _fail_after_last(self, status: Optional[int]) -> None:
+        """Stop parsing: answer ``status`` (if any) after what is queued, then close."""
+        if self.done:
+            return
+        self.done = True
+        self.state = IDLE
+        if status is None:
+            if self.pending and isinstance(self.pending[-1], Request):
+                self.pending[-1].keep_alive = False
+            return
+        self.pending.append(error_response(status, close=True))
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        self.state = HEAD
+        self.since = time.monotonic()
+        self._url = []
+        self._url_len = 0
+        self._headers = {}
+        self._nheaders = 0
+        self._header_bytes = 0
+        self._head_seen = 0
+        self._body = 0
+
+    def on_url(self, part: bytes) -> None:
+        self._url_len += len(part)
+        if self._url_len > self.limits.max_request_line:
+            self._reject = 414
+            raise _Reject(414)
+        self._url.append(part)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._nheaders += 1
+        self._header_bytes += len(name) + len(value) + 4
+        if (self._nheaders > self.limits.max_headers
+                or self._header_bytes > self.limits.max_header_bytes):
+            self._reject = 431
+            raise _Reject(431)
+        key = name.lower()
+        old = self._headers.get(key)
+        self._headers[key] = value if old is None else old + b", " + value
+
+    def on_headers_complete(self) -> None:
+        self.state = BODY
+        length = self._headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_body:
+            self._reject = 413
+            raise _Reject(413)
+
+    def on_body(self, part: bytes) -> None:
+        self._body += len(part)              # read and ignored
+        if self._body > self.limits.max_body:
+            self._reject = 413
+            raise _Reject(413)
+
+    def on_message_complete(self) -> None:
+        p = self.parser
+        req = Request(p.get_method(), b"".join(self._url), p.get_http_version(),
+                      self._headers, p.should_keep_alive())
+        self.pending.append(req)
+        self.state = IDLE
+        self.since = time.monotonic()
+        if not req.keep_alive:
+            self.done = True                 # the parser refuses more data anyway
+
+    # -- output
+    def next_response(self) -> Optional[Response]:
+        """The next response in request order, or None if none is ready."""
+        if not self.pending:
+            return None
+        item = self.pending.popleft()
+        if type(item) is Request:
+            try:
+                resp = self.site.respond(item)
+            except Exception:
+                logger.exception("responding to %r failed", item)
+                resp = error_response(500, item, close=True)
+        else:
+            resp = item
+        if resp.close:
+            for rest in self.pending:        # nothing after a closing response
+                if type(rest) is Response:
+                    rest.discard()
+            self.pending.clear()
+            self.done = True
+        self.served += 1
+        return resp
+
+    def timed_out(self, now: float) -> Optional[str]:
+        """"header" if a request head (or body) is overdue, "idle" if a keep-alive
+        connection has waited too long for its next request, else None."""
+        if self.done or self.pending:
+            return None
+        if self.state != IDLE or not self.served:
+            if now - self.since > self.limits.header_timeout:
+                return "header"
+        elif now - self.since > self.limits.keepalive_timeout:
+            return "idle"
+        return None
+
+    def close(self) -> None:
+        for item in self.pending:
+            if type(item) is Response:
+                item.discard()
+        self.pending.clear()
+        self.done = True
+
+
+class StaticSite:
+    """Maps requests to files under ``root``."""
+
+    def __init__(self, root: str, *, index: str = "index.html", listing: bool = False) -> None:
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
+        self.root_b = os.fsencode(self.root)
+        self.index = index
+        self.listing = listing
+        self._proc_fd = os.path.isdir("/proc/self/fd")
+
+    def respond(self, req: Request) -> Response:
+        if req.method not in (b"GET", b"HEAD"):
+            return error_response(405, req, extra=((b"Allow", b"GET, HEAD"),))
+        try:
+            url = httptools.parse_url(req.target)
+        except httptools.HttpParserInvalidURLError:
+            return error_response(400, req)
+        raw = url.path or b"/"
+        if not raw.startswith(b"/"):
+            return error_response(400, req)
+        path = urllib.parse.unquote_to_bytes(raw)
+        if b"\0" in path:
+            return error_response(400, req)
+        segments = path.split(b"/")
+        if b".." in segments or b"." in segments:
+            return error_response(400, req)
+        full = os.path.join(self.root_b, path.lstrip(b"/"))
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            return error_response(self._status_for(e), req)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                return self._directory(req, fd, full, url)
+            if not stat.S_ISREG(st.st_mode) or not self._inside(fd, full):
+                return error_response(403, req)
+            resp = self._file(req, fd, st, full)
+            if resp.file_fd == fd:
+                fd = -1                      # the response owns it now
+            return resp
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    @staticmethod
+    def _status_for(e: OSError) -> int:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return 403
+        if e.errno == errno.ENAMETOOLONG:
+            return 414
+        return 404                           # ENOENT, ENOTDIR, ELOOP...
+
+    def _inside(self, fd: int, full: bytes) -> bool:
+        """The file really is under the root (no symlink leads out)."""
+        if self._proc_fd:
+            real = os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
+        else:
+            real = os.fsencode(os.path.realpath(full))
+        return real == self.root_b or real.startswith(self.root_b + b"/")
+
+    def _directory(self, req: Request, fd: int, full: bytes, url: Any) -> Response:
+        if not self._inside(fd, full):
+            return error_response(403, req)
+        if not url.path.endswith(b"/"):
+            location = url.path + b"/" + (b"?" + url.query if url.query else b"")
+            return error_response(301, req, extra=((b"Location", location),))
+        try:
+            ifd = os.open(self.index, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+        except FileNotFoundError:
+            if self.listing:
+                return self._listing(req, full, url)
+            return error_response(404, req)
+        except OSError as e:
+            return error_response(self._status_for(e), req)
+        ipath = os.path.join(full, os.fsencode(self.index))
+        try:
+            st = os.fstat(ifd)
+            if not stat.S_ISREG(st.st_mode) or not self._inside(ifd, ipath):
+                return error_response(403, req)
+            resp = self._file(req, ifd, st, ipath)
+            if resp.file_fd == ifd:
+                ifd = -1
+            return resp
+        finally:
+            if ifd >= 0:
+                os.close(ifd)
+
+    def _listing(self, req: Request, full: bytes, url: Any) -> Response:
+        names = sorted(os.listdir(full))
+        title = html.escape(urllib.parse.unquote(url.path.decode("latin-1")))
+        rows = []
+        for name in names:
+            shown = os.fsdecode(name)
+            if os.path.isdir(os.path.join(full, name)):
+                shown += "/"
+            rows.append(f'<li><a href="{urllib.parse.quote(shown)}">{html.escape(shown)}</a></li>')
+        body = (f"<html><head><title>Index of {title}</title></head><body>"
+                f"<h1>Index of {title}</h1><ul>{''.join(rows)}</ul></body></html>\n").encode()
+        head = build_head(200, [(b"Content-Type", b"text/html; charset=utf-8"),
+                                (b"Content-Length", b"%d" % len(body))],
+                          close=not req.keep_alive, keep_alive_10=req.version == "1.0")
+        return Response(200, head, b"" if req.method == b"HEAD" else body,
+                        close=not req.keep_alive, request=req)
+
+    def _file(self, req: Request, fd: int, st: os.stat_result, path: bytes) -> Response:
+        size = st.st_size
+        mtime = int(st.st_mtime)
+        etag = b'"%x-%x"' % (st.st_mtime_ns, size)
+        last_modified = http_date(mtime)
+        ctype = mimetypes.guess_type(os.fsdecode(path), strict=False)[0]
+        validators = [(b"Last-Modified", last_modified), (b"ETag", etag)]
+        close = not req.keep_alive
+        ka10 = req.version == "1.0"
+        h = req.headers
+        if self._not_modified(h, etag, mtime):
+            return Response(304, build_head(304, validators, close=close, keep_alive_10=ka10),
+                            close=close, request=req)
+        status, offset, count = 200, 0, size
+        extra = [(b"Accept-Ranges", b"bytes")]
+        rng = h.get(b"range")
+        if rng is not None and self._if_range_ok(h.get(b"if-range"), etag, last_modified):
+            r = parse_range(rng, size)
+            if r == "unsatisfiable":
+                return error_response(416, req, extra=((b"Content-Range", b"bytes */%d" % size),))
+            if r is not None:
+                status, (offset, count) = 206, r
+                extra.append((b"Content-Range", b"bytes %d-%d/%d"
+                              % (offset, offset + count - 1, size)))
+        headers = [(b"Content-Type", (ctype or "application/octet-stream").encode()),
+                   (b"Content-Length", b"%d" % count), *validators, *extra]
+        head = build_head(status, headers, close=close, keep_alive_10=ka10)
+        if req.method == b"HEAD" or count == 0:
+            return Response(status, head, close=close, request=req)
+        return Response(status, head, file_fd=fd, file_offset=offset, file_count=count,
+                        close=close, request=req)
+
+    @staticmethod
+    def _not_modified(h: dict, etag: bytes, mtime: int) -> bool:
+        inm = h.get(b"if-none-match")
+        if inm is not None:                  # it wins over If-Modified-Since (RFC 9110)
+            tags = [t.strip() for t in inm.split(b",")]
+            return b"*" in tags or etag in tags or b"W/" + etag in tags
+        ims = h.get(b"if-modified-since")
+        if ims is not None:
+            try:
+                t = email.utils.parsedate_to_datetime(ims.decode("latin-1")).timestamp()
+            except (TypeError, ValueError, IndexError):
+                return False
+            return mtime <= t
+        return False
+
+    @staticmethod
+    def _if_range_ok(if_range: Optional[bytes], etag: bytes, last_modified: bytes) -> bool:
+        return if_range is None or if_range.strip() in (etag, last_modified)
+
+
+def parse_range(value: bytes, size: int) -> Any:
+    """A single ``bytes=`` range of a ``size``-byte file: ``(offset, count)``,
+    ``"unsatisfiable"``, or None to ignore the header (bad syntax, several ranges)."""
+    unit, _, spec = value.partition(b"=")
+    if unit.strip().lower() != b"bytes" or b"," in spec:
+        return None
+    first, dash, last = spec.strip().partition(b"-")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if not first:                            # the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            return "unsatisfiable"
+        n = min(n, size)
+        return size - n, n
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    end = min(int(last), size - 1) if last else size - 1
+    return start, end - start + 1
+
+
+# ----------------------------------------------------------------------- the I/O glue
+
+class HTTPServer:
+    """What the connections of one server share (any thread): the site, the limits, the
+    open sessions (for the timeout sweep) and their count."""
+
+    def __init__(self, engine: Any, site: StaticSite, limits: Limits, *,
+                 log_access: bool = False) -> None:
+        self.engine = engine
+        self.site = site
+        self.limits = limits
+        self.log_access = log_access
+        self.handlers: set = set()
+        self._lock = threading.Lock()
+        self._sweeper: Any = None
+
+    def handler(self) -> HTTPHandler:
+        return HTTPHandler(self)
+
+    def start_sweeping(self, interval: float = 1.0) -> None:
+        """Check timeouts every ``interval`` s on the engine's thread (call from it or
+        before the engine runs)."""
+        def sweep() -> None:
+            now = time.monotonic()
+            for h in list(self.handlers):
+                h.check_timeout(now)
+            self._sweeper = self.engine.call_later(interval, sweep)
+        self._sweeper = self.engine.call_later(interval, sweep)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def admit(self, h: HTTPHandler) -> bool:
+        with self._lock:
+            if len(self.handlers) >= self.limits.max_connections:
+                return False
+            self.handlers.add(h)
+            return True
+
+    def leave(self, h: HTTPHandler) -> None:
+        with self._lock:
+            self.handlers.discard(h)
+
+
+class HTTPHandler(proactor.Handler):
+    """One client connection: feeds its session, writes the responses in order.
+
+    With workers, the handler runs on a worker thread while the timeout sweep and
+    ``when_drained`` callbacks run on the engine's thread: ``lock`` keeps them apart."""
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.conn: Any = None
+        self.session = HTTPSession(server.site, server.limits)
+        self.lock = threading.Lock()
+        self.eof = False
+        self.waiting = False                 # paused until the output drains
+
+    def connection_made(self, conn: Any) -> None:
+        self.conn = conn
+        if not self.server.admit(self):
+            self.session.done = True
+            self._write(error_response(503, close=True))
+            conn.close()
+
+    def data_received(self, conn: Any, data: bytes) -> None:
+        with self.lock:
+            self.session.feed(data)
+            self._pump()
+
+    def eof_received(self, conn: Any) -> None:
+        with self.lock:
+            self.eof = True                  # answer what was asked, then close
+            self.session.done = True
+            self._pump()
+
+    def connection_lost(self, conn: Any, exc: Optional[BaseException]) -> None:
+        self.server.leave(self)
+        with self.lock:
+            self.session.close()
+
+    def _pump(self) -> None:
+        """Write the responses that are ready, while little output is queued; pause
+        reading while the rest waits for the queue to drain."""
+        session, conn = self.session, self.conn
+        first = True
+        while session.pending:
+            if not first and conn.get_write_buffer_size() > self.server.limits.max_buffered_output:
+                if not self.waiting:
+                    self.waiting = True
+                    conn.pause_reading()
+                    conn.when_drained(self._drained)
+                return
+            first = False
+            resp = session.next_response()
+            if resp is None:
+                break
+            self._write(resp)
+            if resp.close:
+                conn.close()
+                return
+        if self.eof and not conn.closed:
+            conn.close()
+
+    def _drained(self) -> None:
+        with self.lock:
+            self.waiting = False
+            if self.conn.closed:
+                return
+            self.conn.resume_reading()
+            self._pump()
+
+    def _write(self, resp: Response) -> None:
+        conn = self.conn
+        size = resp.body_size
+        try:
+            if resp.file_fd >= 0:
+                conn.send(resp.head)
+                conn.sendfile(resp.file_fd, resp.file_offset, resp.file_count)
+            elif resp.body:
+                conn.send(resp.head + resp.body)
+            else:
+                conn.send(resp.head)
+        except BrokenPipeError:
+            self.session.close()             # the connection is going away
+        finally:
+            resp.discard()
+        if self.server.log_access:
+            self._log(resp, size)
+
+    def _log(self, resp: Response, size: int) -> None:
+        try:
+            peer = self.conn.peername[0]
+        except OSError:
+            peer = "-"
+        req = resp.request
+        line = (f"{req.method.decode()} {req.target.decode('latin-1')} HTTP/{req.version}"
+                if req is not None else "-")
+        access_log.info('%s - - [%s] "%s" %d %d', peer,
+                        time.strftime("%d/%b/%Y:%H:%M:%S %z"), line, resp.status, size)
+
+    def check_timeout(self, now: float) -> None:
+        """Called by the sweep on the engine's thread."""
+        with self.lock:
+            if self.conn is None or self.conn.closed:
+                return
+            why = self.session.timed_out(now)
+            if why == "header":
+                self.session.done = True
+                self._write(error_response(408, close=True))
+                self.conn.close()
+            elif why == "idle":
+                self.session.done = True
+                self.conn.close()
+
+
+class HelloHandler(proactor.Handler):
+    """``--hello``: the 78-byte reply of the benchmark peer to every request."""
+
+    BODY = b"Hello, World!"
+    RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(BODY), BODY))
+    BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    def connection_made(self, conn: Any) -> None:
+        self.conn = conn
+        self.parser = httptools.HttpRequestParser(self)
+        self.closing = False
+
+    def data_received(self, conn: Any, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self.closing:
+                self.closing = True
+                conn.send(self.BAD)
+                conn.close()
+
+    def on_message_complete(self) -> None:
+        if self.closing:
+            return
+        self.conn.send(self.RESPONSE)
+        if not self.parser.should_keep_alive():
+            self.closing = True
+            self.conn.close()
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = argparse.ArgumentParser(description="HTTP/1.1 static file server.")
+    p.add_argument("port", type=int)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--root", default=DEMO_ROOT, help="directory to serve (default: demo site)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="run handlers on N worker threads (0: on the I/O thread)")
+    p.add_argument("--backend", default=None, choices=["auto", "uring", "trio"],
+                   help="engine backend (default: $PROACTOR_BACKEND or auto)")
+    p.add_argument("--access-log", action="store_true", help="log each request to stderr")
+    p.add_argument("--listing", action="store_true", help="list directories without index")
+    p.add_argument("--hello", action="store_true",
+                   help="answer every request with the 78-byte 'Hello, World!' reply")
+    d = Limits()
+    p.add_argument("--max-connections", type=int, default=d.max_connections)
+    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout)
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING,
+                        format="%(message)s")
+    engine = proactor.Engine(backend=a.backend)
+    if a.hello:
+        server = engine.serve_tcp(HelloHandler, a.host, a.port, workers=a.workers)
+    else:
+        limits = Limits(max_connections=a.max_connections,
+                        keepalive_timeout=a.keepalive_timeout, header_timeout=a.header_timeout)
+        app = HTTPServer(engine, StaticSite(a.root, listing=a.listing), limits,
+                         log_access=a.access_log)
+        app.start_sweeping()
+        server = engine.serve_tcp(app.handler, a.host, a.port, workers=a.workers)
+    print(f"listening on {a.host}:{server.port}", flush=True)
+    engine.run()
+
+
+if __name__ == "__main__":
+    main()

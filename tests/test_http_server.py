@@ -1,0 +1,495 @@
+"""examples/http_server.py: the protocol without sockets, then real clients on loopback
+(curl, http.client, a pipelining h11 client) against both backends."""
+from __future__ import annotations
+
+import concurrent.futures
+import email.utils
+import hashlib
+import http.client
+import importlib.util
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h11
+import pytest
+from support import connect, open_fds, recv_until_eof, wait_until
+
+pytestmark = [pytest.mark.linux, pytest.mark.timeout(120)]
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod       # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+hs = load_example("http_server")
+
+SIZES = [0, 1, 100, 4095, 4096, 4097, 65536, 131072 + 1, 1 << 20, 5 * (1 << 20) + 3]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A root with files of many sizes, a subdirectory with an index, one without, a
+    symlink inside the root and one leading out of it."""
+    root = tmp_path_factory.mktemp("site")
+    rng = random.Random(42)
+    files = {}
+    for n in SIZES:
+        data = rng.randbytes(n)
+        (root / f"f{n}.bin").write_bytes(data)
+        files[f"/f{n}.bin"] = data
+    (root / "index.html").write_bytes(b"<h1>home</h1>\n")
+    files["/"] = b"<h1>home</h1>\n"
+    (root / "sub").mkdir()
+    (root / "sub" / "index.html").write_bytes(b"sub index\n")
+    (root / "empty").mkdir()
+    (root / "a b.txt").write_bytes(b"spaced\n")
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.txt").write_bytes(b"secret\n")
+    os.symlink(outside / "secret.txt", root / "escape.txt")
+    os.symlink(outside, root / "escape_dir")
+    os.symlink(root / "f100.bin", root / "link_inside.bin")
+    return root, files
+
+
+# ------------------------------------------------------------------ protocol, no sockets
+
+def session_for(root, **limits):
+    return hs.HTTPSession(hs.StaticSite(str(root)), hs.Limits(**limits))
+
+
+def responses(session):
+    out = []
+    while True:
+        r = session.next_response()
+        if r is None:
+            return out
+        out.append(r)
+        r.discard()
+
+
+def status_of(session, data):
+    session.feed(data)
+    rs = responses(session)
+    assert rs, "no response"
+    return rs[-1]
+
+
+@pytest.mark.parametrize("value,size,want", [
+    (b"bytes=0-0", 10, (0, 1)), (b"bytes=2-", 10, (2, 8)), (b"bytes=-3", 10, (7, 3)),
+    (b"bytes=-30", 10, (0, 10)), (b"bytes=5-100", 10, (5, 5)), (b"bytes=10-", 10, "unsatisfiable"),
+    (b"bytes=-0", 10, "unsatisfiable"), (b"bytes=0-1,3-4", 10, None), (b"bytes=3-2", 10, None),
+    (b"items=0-1", 10, None), (b"bytes=x-1", 10, None), (b"bytes=", 10, None),
+    (b"bytes=0-", 0, "unsatisfiable"),
+])
+def test_parse_range(value, size, want):
+    assert hs.parse_range(value, size) == want
+
+
+def test_pipelined_requests_answered_in_order(site):
+    root, files = site
+    s = session_for(root)
+    s.feed(b"GET /f1.bin HTTP/1.1\r\nHost: x\r\n\r\nHEAD /f100.bin HTTP/1.1\r\n\r\n"
+           b"GET /nope HTTP/1.1\r\n\r\nGET /f4096.bin HTTP/1.1\r\n\r\n")
+    rs = responses(s)
+    assert [r.status for r in rs] == [200, 200, 404, 200]
+    assert rs[0].file_count == 1
+    assert rs[1].body == b"" and b"Content-Length: 100\r\n" in rs[1].head
+    assert not any(r.close for r in rs)
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 20000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 30000, 431),          # never completed
+    (b"GET / HTTP/1.1\r\nContent-Length: 70000\r\n\r\n", 413),
+    (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"8000\r\n" + b"z" * 0x8000
+     + b"\r\n8000\r\n" + b"z" * 0x8000 + b"\r\n10\r\n" + b"z" * 16, 413),
+    (b"GET / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"\x16\x03\x01 not http\r\n\r\n", 400),
+])
+def test_limits_and_errors_close(site, raw, status):
+    root, _ = site
+    s = session_for(root)
+    for i in range(0, len(raw), 4096):                # as a socket would deliver it
+        s.feed(raw[i:i + 4096])
+    rs = responses(s)
+    assert rs[-1].status == status
+    assert rs[-1].close and b"Connection: close\r\n" in rs[-1].head
+    s.feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert responses(s) == [], "nothing is parsed after a closing error"
+
+
+def test_small_body_on_get_is_read_and_ignored(site):
+    root, files = site
+    s = session_for(root)
+    s.feed(b"GET /f1.bin HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /f100.bin HTTP/1.1\r\n\r\n")
+    rs = responses(s)
+    assert [(r.status, r.file_count) for r in rs] == [(200, 1), (200, 100)]
+
+
+def test_methods_and_versions(site):
+    root, _ = site
+    s = session_for(root)
+    r = status_of(s, b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+    assert r.status == 405 and b"Allow: GET, HEAD\r\n" in r.head and not r.close
+    r = status_of(s, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert r.status == 200 and b"Connection: keep-alive\r\n" in r.head and not r.close
+    r = status_of(s, b"GET / HTTP/1.0\r\n\r\n")
+    assert r.status == 200 and r.close
+    s = session_for(root)
+    r = status_of(s, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert r.close and b"Connection: close\r\n" in r.head
+
+
+@pytest.mark.parametrize("target,status", [
+    (b"/../etc/passwd", 400), (b"/%2e%2e/etc/passwd", 400), (b"/sub/%2E%2e/%2e%2E/x", 400),
+    (b"/sub/./index.html", 400), (b"/f1.bin%00.txt", 400), (b"/escape.txt", 403),
+    (b"/escape_dir/secret.txt", 403), (b"/escape_dir/", 403), (b"/link_inside.bin", 200),
+    (b"/a%20b.txt", 200), (b"/sub/", 200), (b"/sub", 301), (b"/empty/", 404),
+    (b"/missing", 404), (b"/f1.bin/x", 404), (b"http://example/f1.bin", 200),
+    (b"/sub/?q=1", 200), (b"*", 400),
+])
+def test_paths(site, target, status):
+    root, _ = site
+    r = status_of(session_for(root), b"GET %s HTTP/1.1\r\n\r\n" % target)
+    assert r.status == status, r.head
+    if status == 301:
+        assert b"Location: /sub/\r\n" in r.head
+
+
+def test_listing_only_when_enabled(site):
+    root, _ = site
+    s = hs.HTTPSession(hs.StaticSite(str(root), listing=True), hs.Limits())
+    r = status_of(s, b"GET /empty/ HTTP/1.1\r\n\r\n")
+    assert r.status == 200 and b"Index of /empty/" in r.body
+
+
+def test_conditional_and_range(site):
+    root, files = site
+    s = session_for(root)
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\n\r\n")
+    head = dict(line.split(b": ", 1) for line in r.head.split(b"\r\n")[1:] if b": " in line)
+    etag, lm = head[b"ETag"], head[b"Last-Modified"]
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-None-Match: %s\r\n\r\n"
+                     % etag).status == 304
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-None-Match: \"x\", %s\r\n\r\n"
+                     % etag).status == 304
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-None-Match: \"x\"\r\n\r\n").status == 200
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-Modified-Since: %s\r\n\r\n"
+                     % lm).status == 304
+    old = email.utils.formatdate(0, usegmt=True).encode()
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-Modified-Since: %s\r\n\r\n"
+                     % old).status == 200
+    # If-None-Match wins over If-Modified-Since
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-None-Match: \"x\"\r\n"
+                     b"If-Modified-Since: %s\r\n\r\n" % lm).status == 200
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nRange: bytes=10-19\r\n\r\n")
+    assert (r.status, r.file_offset, r.file_count) == (206, 10, 10)
+    assert b"Content-Range: bytes 10-19/4096\r\n" in r.head
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nRange: bytes=5000-\r\n\r\n")
+    assert r.status == 416 and b"Content-Range: bytes */4096\r\n" in r.head and not r.close
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nRange: bytes=0-0\r\nIf-Range: \"old\"\r\n\r\n")
+    assert r.status == 200 and r.file_count == 4096
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nRange: bytes=0-0\r\nIf-Range: %s\r\n\r\n" % etag)
+    assert r.status == 206
+    r = status_of(s, b"HEAD /f4096.bin HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n")
+    assert r.status == 206 and r.file_fd == -1 and b"Content-Length: 10\r\n" in r.head
+
+
+def test_timeouts_logic(site):
+    root, _ = site
+    s = session_for(root, header_timeout=5, keepalive_timeout=20)
+    t0 = s.since
+    assert s.timed_out(t0 + 4) is None
+    assert s.timed_out(t0 + 6) == "header"        # connected, nothing sent: slowloris
+    s.feed(b"GET / HTTP/1.1\r\n\r\n")
+    responses(s)
+    t1 = s.since
+    assert s.timed_out(t1 + 19) is None
+    assert s.timed_out(t1 + 21) == "idle"
+    s.feed(b"GET / HTTP/1.1\r\nHost")              # a head begun
+    assert s.timed_out(s.since + 6) == "header"
+
+
+# ------------------------------------------------------------------ over sockets
+
+@pytest.fixture
+def serve(engine, site):
+    """Start the static server on the test's engine: serve(workers=0, **limits)."""
+    root, _ = site
+    apps = []
+
+    def start(workers=0, sweep=0.05, **limits):
+        app = hs.HTTPServer(engine, hs.StaticSite(str(root)), hs.Limits(**limits))
+        app.start_sweeping(sweep)
+        srv = engine.serve_tcp(app.handler, "127.0.0.1", 0, workers=workers)
+        apps.append(app)
+        return app, srv.port
+
+    yield start
+    for app in apps:
+        app.stop_sweeping()
+
+
+WORKERS = [pytest.param(0, id="workers0"), pytest.param(2, id="workers2")]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_curl_downloads_byte_exact(serve, site, tmp_path, workers):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed (make deps installs it)")
+    _, files = site
+    _, port = serve(workers)
+    urls, outs = [], []
+    for name in files:
+        urls.append(f"http://127.0.0.1:{port}{name}")
+        outs.append(tmp_path / f"out{len(outs)}")
+    args = [curl, "--http1.1", "-sS", "--fail", "--max-time", "60"]
+    for u, o in zip(urls, outs):                 # one curl, one keep-alive connection
+        args += ["-o", str(o), u]
+    subprocess.run(args, check=True, timeout=90)
+    for name, o in zip(files, outs):
+        assert hashlib.sha256(o.read_bytes()).digest() == hashlib.sha256(files[name]).digest(), name
+    # a range and a conditional request
+    r = subprocess.run([curl, "-sS", "-r", "100-199", f"http://127.0.0.1:{port}/f65536.bin"],
+                       check=True, capture_output=True, timeout=30)
+    assert r.stdout == files["/f65536.bin"][100:200]
+    r = subprocess.run([curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-z",
+                        email.utils.formatdate(time.time() + 3600, usegmt=True),
+                        f"http://127.0.0.1:{port}/f1.bin"],
+                       check=True, capture_output=True, timeout=30)
+    assert r.stdout == b"304"
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_http_client_keepalive(serve, site, workers):
+    _, files = site
+    app, port = serve(workers)
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        for name in ["/f4096.bin", "/", "/f1.bin", "/f1048576.bin", "/f0.bin"]:
+            c.request("GET", name)
+            r = c.getresponse()
+            assert r.status == 200 and r.read() == files[name]
+        c.request("HEAD", "/f65536.bin")
+        r = c.getresponse()
+        assert r.status == 200 and r.getheader("Content-Length") == "65536" and r.read() == b""
+        etag = r.getheader("ETag")
+        c.request("GET", "/f65536.bin", headers={"If-None-Match": etag})
+        r = c.getresponse()
+        assert r.status == 304 and r.read() == b""
+        c.request("GET", "/nope")
+        r = c.getresponse()
+        assert r.status == 404
+        r.read()
+        assert len(app.handlers) == 1            # all of it on one connection
+    finally:
+        c.close()
+    wait_until(lambda: not app.handlers)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_pipelining_in_order(serve, site, workers):
+    """200 requests sent at once, responses parsed by h11 in order, bodies exact."""
+    _, files = site
+    app, port = serve(workers, max_buffered_output=256 * 1024)
+    rng = random.Random(5)
+    names = [rng.choice(list(files) + ["/missing"]) for _ in range(200)]
+    methods = [rng.choice(["GET", "GET", "HEAD"]) for _ in names]
+    raw = b"".join(f"{m} {n} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for m, n in zip(methods, names))
+    client = h11.Connection(h11.CLIENT)
+    with connect(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(raw)
+        for m, n in zip(methods, names):
+            client.send(h11.Request(method=m, target=n, headers=[("Host", "t")]))
+            client.send(h11.EndOfMessage())
+            status, body = None, bytearray()
+            while True:
+                ev = client.next_event()
+                if ev is h11.NEED_DATA:
+                    client.receive_data(s.recv(1 << 20))
+                    continue
+                if isinstance(ev, h11.Response):
+                    status = ev.status_code
+                elif isinstance(ev, h11.Data):
+                    body += ev.data
+                elif isinstance(ev, h11.EndOfMessage):
+                    break
+            want = 404 if n == "/missing" else 200
+            assert status == want, (m, n)
+            if want == 200:
+                assert bytes(body) == (b"" if m == "HEAD" else files[n]), (m, n)
+            client.start_next_cycle()
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def read_response(s):
+    data = recv_until_eof(s)
+    return data
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 40000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n", 413),
+    (b"NOT-HTTP\r\n\r\n", 400),
+])
+def test_limits_over_socket(serve, raw, status):
+    _, port = serve()
+    with connect(("127.0.0.1", port)) as s:
+        s.sendall(raw)
+        data = read_response(s)           # the server closes after the error
+    assert data.startswith(b"HTTP/1.1 %d " % status), data[:80]
+    assert b"Connection: close\r\n" in data
+
+
+def test_slow_header_gets_408_and_close(serve):
+    _, port = serve(header_timeout=0.3)
+    with connect(("127.0.0.1", port)) as s:
+        t0 = time.monotonic()
+        s.sendall(b"GET / HTTP/1.1\r\nHo")
+        for _ in range(3):                # dribbling bytes does not extend the deadline
+            time.sleep(0.05)
+            s.sendall(b"s")
+        data = read_response(s)
+        assert time.monotonic() - t0 < 5
+    assert data.startswith(b"HTTP/1.1 408 "), data[:80]
+
+
+def test_idle_keepalive_closed(serve, site):
+    _, files = site
+    app, port = serve(keepalive_timeout=0.3)
+    with connect(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /f1.bin HTTP/1.1\r\n\r\n")
+        data = read_response(s)           # the response, then EOF once idle too long
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(files["/f1.bin"])
+    wait_until(lambda: not app.handlers)
+
+
+def test_too_many_connections(serve):
+    app, port = serve(max_connections=2)
+    with connect(("127.0.0.1", port)) as a, connect(("127.0.0.1", port)) as b:
+        wait_until(lambda: len(app.handlers) == 2)
+        with connect(("127.0.0.1", port)) as c:
+            assert read_response(c).startswith(b"HTTP/1.1 503 ")
+        for s in (a, b):                  # the first two are still served
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+
+
+def test_ten_thousand_short_connections(serve, engine, site):
+    """10,000 connections of one request each; afterwards no fd growth, no handler."""
+    _, files = site
+    app, port = serve()
+    want = files["/f100.bin"]
+
+    def client(n):
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"GET /f100.bin HTTP/1.1\r\nConnection: close\r\n\r\n")
+                data = recv_until_eof(s)
+                assert data.endswith(want) and data.startswith(b"HTTP/1.1 200 ")
+
+    def run(total):
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for f in [pool.submit(client, total // 4) for _ in range(4)]:
+                f.result()
+
+    run(400)                              # warm up: lazily created pools, buffers...
+    wait_until(lambda: not app.handlers)
+    fds = len(open_fds())
+    run(10_000)
+    wait_until(lambda: not app.handlers, timeout=20)
+    wait_until(lambda: engine.stats().connections == 0)
+    assert len(open_fds()) <= fds, "fds grew over 10,000 connections"
+
+
+def test_large_file_to_slow_reader_is_bounded(serve, engine, site):
+    """A 24 MiB file to a reader that stalls: the engine holds the file, not its bytes."""
+    root, _ = site
+    body = random.Random(3).randbytes(24 << 20)
+    (root / "big.bin").write_bytes(body)
+    app, port = serve()
+    with connect(("127.0.0.1", port), rcvbuf=8192) as s:
+        rss0 = rss()
+        s.sendall(b"GET /big.bin HTTP/1.1\r\n\r\n")
+        wait_until(lambda: engine.stats().bytes_out > 0)
+        time.sleep(0.2)
+        assert engine.stats().send_queued > 16 << 20          # queued as a file,
+        assert rss() - rss0 < 4 << 20                         # not held in memory
+        data = b""
+        head_end = -1
+        while head_end < 0 or len(data) - head_end - 4 < len(body):
+            data += s.recv(1 << 20)
+            head_end = data.find(b"\r\n\r\n")
+        assert data[head_end + 4:] == body
+
+
+class ServerProcess:
+    """The example run as a program: ``python examples/http_server.py ARGS 0``."""
+
+    def __init__(self, backend, *args):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "http_server.py"), "--backend", backend, *args, "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = self.proc.stdout.readline().decode()
+        assert line.startswith("listening on 127.0.0.1:"), (line, self.stop())
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            out, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return err.decode()
+
+
+def test_hello_mode_program(backend):
+    server = ServerProcess(backend, "--hello")
+    try:
+        with connect(("127.0.0.1", server.port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n" * 3)
+            got = b""
+            while len(got) < 3 * 78:
+                got += s.recv(4096)
+        one = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\n"
+               b"Hello, World!")
+        assert len(one) == 78 and got == one * 3
+    finally:
+        server.stop()
+
+
+def test_demo_site_program_with_access_log(backend):
+    server = ServerProcess(backend, "--access-log")
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        c.request("GET", "/")
+        r = c.getresponse()
+        assert r.status == 200 and r.read() == (EXAMPLES / "demo_site" / "index.html").read_bytes()
+        c.request("GET", "/hello.txt", headers={"Range": "bytes=0-4"})
+        r = c.getresponse()
+        assert r.status == 206 and r.read() == b"Hello"
+        c.close()
+    finally:
+        err = server.stop()
+    assert '"GET / HTTP/1.1" 200 ' in err and '"GET /hello.txt HTTP/1.1" 206 5' in err, err
