@@ -201,6 +201,7 @@ enum {
     C_REARM = 256, C_DRAIN = 512, C_CANCEL_SENT = 1024,
     C_FINISH = 2048,      /* queued to be finished at the next px_reap */
     C_RETRY = 4096,       /* an SQE could not be had: send/cancel/accept again next turn */
+    C_SEND_SOON = 8192,   /* on the list of sends to issue at the next px_reap */
 };
 
 struct px_conn {
@@ -213,6 +214,7 @@ struct px_conn {
     size_t queued;         /* bytes queued, including the part in flight */
     int nsend;             /* chunks covered by the send in flight */
     int next_free;
+    int next_send;         /* the list of sends to issue at the next px_reap */
     struct iovec iov[PX_IOV_MAX];
     struct msghdr msg;
 };
@@ -243,6 +245,7 @@ struct px_ring {
     int *rearm; unsigned nrearm;        /* recvs stopped by ENOBUFS, re-armed next batch */
     int *dead; unsigned ndead;          /* closed slots, reusable once Python saw it */
     int *finish; unsigned nfinish;      /* slots to finish (close) at the next reap */
+    int send_soon;                      /* first slot of the C_SEND_SOON list, or -1 */
     int in_reap;                        /* inside px_reap: events have reserved room */
     int wake_retry;                     /* the wakeup read could not be armed */
     unsigned ndead_seen;                /* the first ndead_seen were in a returned batch */
@@ -304,7 +307,7 @@ int px_setup(struct px_ring **out, unsigned entries, unsigned cq_entries, unsign
     *features = p.features;
     io_uring_register_ring_fd(&r->ring);   /* optional: saves an fd lookup per enter */
     r->probe = io_uring_get_probe_ring(&r->ring);
-    r->conn_free = -1; r->op_free = -1; r->wake_fd = -1;
+    r->conn_free = -1; r->op_free = -1; r->wake_fd = -1; r->send_soon = -1;
     *out = r;
     return 0;
 }
@@ -678,6 +681,32 @@ static void issue_send(struct px_ring *r, int slot)
     c->inflight++;
 }
 
+/* Bytes were queued from Python: the send is issued at the next px_reap (just before the
+ * submit), so that what a handler queues in one go (a response head and its file, a
+ * batch of pipelined replies) leaves in one sendmsg. */
+static void send_soon(struct px_ring *r, int slot)
+{
+    struct px_conn *c = CONN(r, slot);
+    if (c->flags & (C_SENDING | C_SEND_SOON)) return;
+    c->flags |= C_SEND_SOON;
+    c->next_send = r->send_soon;
+    r->send_soon = slot;
+}
+
+static void issue_sends_soon(struct px_ring *r)
+{
+    int slot = r->send_soon;
+    r->send_soon = -1;
+    while (slot >= 0) {
+        struct px_conn *c = CONN(r, slot);
+        int next = c->next_send;
+        c->flags &= ~C_SEND_SOON;
+        if ((c->flags & C_USED) && c->head && !(c->flags & (C_SENDING | C_ABORT)))
+            issue_send(r, slot);
+        slot = next;
+    }
+}
+
 /* Queue `len` bytes (copied) for sending; sends start in order, one at a time.
  * Returns the bytes now queued on the connection (or -errno). */
 int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t len)
@@ -696,7 +725,7 @@ int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t 
     c->tail = ch;
     c->queued += len;
     r->st.send_queued += (int64_t)len;
-    if (!(c->flags & C_SENDING)) issue_send(r, slot);
+    send_soon(r, slot);
     return c->queued > INT_MAX ? INT_MAX : (int)c->queued;   /* for flow control */
 }
 
@@ -723,7 +752,7 @@ int px_sendfile(struct px_ring *r, int slot, uint32_t gen, int fd, uint64_t off,
     c->tail = ch;
     c->queued += count;
     r->st.send_queued += (int64_t)count;
-    if (!(c->flags & C_SENDING)) issue_send(r, slot);
+    send_soon(r, slot);
     return c->queued > INT_MAX ? INT_MAX : (int)c->queued;
 }
 
@@ -1048,6 +1077,7 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
 {
     int ret;
     px_return_buffers(r);
+    issue_sends_soon(r);
     /* Events emitted between two reaps (a px_close that finished at once) were not in
      * the last batch: keep them, first in this one, and do not sleep on them. */
     r->nev -= r->nev_taken;
