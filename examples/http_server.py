@@ -51,6 +51,7 @@ import stat  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
+import weakref  # noqa: E402
 from collections import deque  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
@@ -101,6 +102,31 @@ def http_date(t: Optional[float] = None) -> bytes:
         with _date_lock:
             _date_cache = cached
     return cached[1]
+
+
+_types: dict = {}
+_last_modified: dict = {}
+
+
+def content_type(path: bytes) -> bytes:
+    """The MIME type for a file name (from :mod:`mimetypes`), cached by extension."""
+    ext = os.path.splitext(path)[1].lower()
+    t = _types.get(ext)
+    if t is None:
+        guess = mimetypes.guess_type("x" + os.fsdecode(ext), strict=False)[0]
+        t = (guess or "application/octet-stream").encode()
+        if len(_types) < 1024:
+            _types[ext] = t
+    return t
+
+
+def last_modified_date(mtime: int) -> bytes:
+    d = _last_modified.get(mtime)
+    if d is None:
+        if len(_last_modified) > 4096:
+            _last_modified.clear()
+        d = _last_modified[mtime] = http_date(mtime)
+    return d
 
 
 class Request:
@@ -341,17 +367,78 @@ class HTTPSession:
         self.done = True
 
 
+class _Openat2:
+    """``openat2(2)`` with ``RESOLVE_BENEATH`` (Linux 5.6+), through ctypes: the kernel
+    itself refuses a path that leaves the directory, symlinks included, in the same call
+    that opens the file."""
+
+    NR = 437                 # in the table shared by the common architectures since 5.1
+    MACHINES = ("x86_64", "aarch64", "armv7l", "riscv64", "ppc64le", "s390x")
+    RESOLVE_NO_MAGICLINKS, RESOLVE_BENEATH = 0x02, 0x08
+
+    def __init__(self, flags: int) -> None:
+        import ctypes
+        import platform
+
+        class OpenHow(ctypes.Structure):
+            _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                        ("resolve", ctypes.c_uint64)]
+
+        if not sys.platform.startswith("linux") or platform.machine() not in self.MACHINES:
+            raise OSError(errno.ENOSYS, "openat2 is Linux-only")
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._syscall = libc.syscall
+        self._syscall.restype = ctypes.c_long
+        self._syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p,
+                                  ctypes.c_void_p, ctypes.c_size_t]
+        self._get_errno = ctypes.get_errno
+        self._how = OpenHow(flags, 0, self.RESOLVE_BENEATH | self.RESOLVE_NO_MAGICLINKS)
+        self._args = (ctypes.addressof(self._how), ctypes.sizeof(self._how))
+
+    def __call__(self, dirfd: int, path: bytes) -> int:
+        fd = self._syscall(self.NR, dirfd, path, *self._args)
+        if fd < 0:
+            e = self._get_errno()
+            raise OSError(e, os.strerror(e), path)
+        return fd
+
+
 class StaticSite:
-    """Maps requests to files under ``root``."""
+    """Maps requests to files under ``root``. Holds the root directory open: ``close()``
+    it when done (or use it as a context manager).
+
+    A file is opened relative to the root's fd with ``openat2(RESOLVE_BENEATH)`` where
+    the kernel has it: no symlink or ``..`` can lead out, and absolute symlinks are
+    refused even when they point inside (use relative ones). Elsewhere it is opened by
+    name and the path the kernel opened (``/proc/self/fd``, or ``realpath``) must be under
+    the root. URL paths are decoded and checked once, then cached."""
+
+    OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK   # O_NONBLOCK: a FIFO never blocks
 
     def __init__(self, root: str, *, index: str = "index.html", listing: bool = False) -> None:
         self.root = os.path.realpath(root)
-        if not os.path.isdir(self.root):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
         self.root_b = os.fsencode(self.root)
-        self.index = index
+        self.index = os.fsencode(index)
         self.listing = listing
         self._proc_fd = os.path.isdir("/proc/self/fd")
+        self._heads: dict = {}               # (file, its type, connection) -> (date, head)
+        self._paths: dict = {}               # URL path -> (status, relative path, type)
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._finalizer = weakref.finalize(self, os.close, self._root_fd)
+        try:
+            self._openat2: Any = _Openat2(self.OPEN_FLAGS)
+            os.close(self._openat2(self._root_fd, b"."))
+        except OSError:                      # ENOSYS, or EPERM from a seccomp filter
+            self._openat2 = None
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> StaticSite:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def respond(self, req: Request) -> Response:
         if req.method not in (b"GET", b"HEAD"):
@@ -361,26 +448,26 @@ class StaticSite:
         except httptools.HttpParserInvalidURLError:
             return error_response(400, req)
         raw = url.path or b"/"
-        if not raw.startswith(b"/"):
-            return error_response(400, req)
-        path = urllib.parse.unquote_to_bytes(raw)
-        if b"\0" in path:
-            return error_response(400, req)
-        segments = path.split(b"/")
-        if b".." in segments or b"." in segments:
-            return error_response(400, req)
-        full = os.path.join(self.root_b, path.lstrip(b"/"))
+        resolved = self._paths.get(raw)
+        if resolved is None:
+            resolved = self._resolve(raw)
+            if len(self._paths) > 4096:
+                self._paths.clear()
+            self._paths[raw] = resolved
+        status, rel, ctype = resolved
+        if status:
+            return error_response(status, req)
         try:
-            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = self._open(rel)
         except OSError as e:
             return error_response(self._status_for(e), req)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
-                return self._directory(req, fd, full, url)
-            if not stat.S_ISREG(st.st_mode) or not self._inside(fd, full):
+                return self._directory(req, fd, rel, url)
+            if not stat.S_ISREG(st.st_mode):
                 return error_response(403, req)
-            resp = self._file(req, fd, st, full)
+            resp = self._file(req, fd, st, ctype)
             if resp.file_fd == fd:
                 fd = -1                      # the response owns it now
             return resp
@@ -389,41 +476,59 @@ class StaticSite:
                 os.close(fd)
 
     @staticmethod
-    def _status_for(e: OSError) -> int:
-        if e.errno in (errno.EACCES, errno.EPERM):
-            return 403
-        if e.errno == errno.ENAMETOOLONG:
-            return 414
-        return 404                           # ENOENT, ENOTDIR, ELOOP...
+    def _resolve(raw: bytes) -> tuple:
+        """(0, path relative to the root, MIME type), or (error status, b"", b"")."""
+        if not raw.startswith(b"/"):
+            return 400, b"", b""
+        path = urllib.parse.unquote_to_bytes(raw)
+        if b"\0" in path:
+            return 400, b"", b""
+        segments = path.split(b"/")
+        if b".." in segments or b"." in segments:
+            return 400, b"", b""
+        rel = path.lstrip(b"/") or b"."
+        return 0, rel, content_type(rel)
 
-    def _inside(self, fd: int, full: bytes) -> bool:
-        """The file really is under the root (no symlink leads out)."""
+    def _open(self, rel: bytes) -> int:
+        """Open ``rel`` under the root; OSError(EXDEV) if it would lead out of it."""
+        if self._openat2 is not None:
+            return self._openat2(self._root_fd, rel)
+        fd = os.open(rel, self.OPEN_FLAGS, dir_fd=self._root_fd)
         if self._proc_fd:
             real = os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
         else:
-            real = os.fsencode(os.path.realpath(full))
-        return real == self.root_b or real.startswith(self.root_b + b"/")
+            real = os.fsencode(os.path.realpath(os.path.join(self.root_b, rel)))
+        if real != self.root_b and not real.startswith(self.root_b + b"/"):
+            os.close(fd)
+            raise OSError(errno.EXDEV, "outside the root", rel)
+        return fd
 
-    def _directory(self, req: Request, fd: int, full: bytes, url: Any) -> Response:
-        if not self._inside(fd, full):
-            return error_response(403, req)
+    @staticmethod
+    def _status_for(e: OSError) -> int:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EXDEV, errno.ELOOP):
+            return 403                       # EXDEV/ELOOP: a way out of the root
+        if e.errno == errno.ENAMETOOLONG:
+            return 414
+        return 404                           # ENOENT, ENOTDIR...
+
+    def _directory(self, req: Request, fd: int, rel: bytes, url: Any) -> Response:
         if not url.path.endswith(b"/"):
             location = url.path + b"/" + (b"?" + url.query if url.query else b"")
             return error_response(301, req, extra=((b"Location", location),))
+        irel = self.index if rel == b"." else rel.rstrip(b"/") + b"/" + self.index
         try:
-            ifd = os.open(self.index, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+            ifd = self._open(irel)
         except FileNotFoundError:
             if self.listing:
-                return self._listing(req, full, url)
+                return self._listing(req, fd, url)
             return error_response(404, req)
         except OSError as e:
             return error_response(self._status_for(e), req)
-        ipath = os.path.join(full, os.fsencode(self.index))
         try:
             st = os.fstat(ifd)
-            if not stat.S_ISREG(st.st_mode) or not self._inside(ifd, ipath):
+            if not stat.S_ISREG(st.st_mode):
                 return error_response(403, req)
-            resp = self._file(req, ifd, st, ipath)
+            resp = self._file(req, ifd, st, content_type(irel))
             if resp.file_fd == ifd:
                 ifd = -1
             return resp
@@ -431,14 +536,15 @@ class StaticSite:
             if ifd >= 0:
                 os.close(ifd)
 
-    def _listing(self, req: Request, full: bytes, url: Any) -> Response:
-        names = sorted(os.listdir(full))
+    def _listing(self, req: Request, fd: int, url: Any) -> Response:
         title = html.escape(urllib.parse.unquote(url.path.decode("latin-1")))
         rows = []
-        for name in names:
-            shown = os.fsdecode(name)
-            if os.path.isdir(os.path.join(full, name)):
-                shown += "/"
+        for name in sorted(os.listdir(fd)):
+            try:
+                is_dir = stat.S_ISDIR(os.stat(name, dir_fd=fd).st_mode)
+            except OSError:
+                continue
+            shown = name + "/" if is_dir else name
             rows.append(f'<li><a href="{urllib.parse.quote(shown)}">{html.escape(shown)}</a></li>')
         body = (f"<html><head><title>Index of {title}</title></head><body>"
                 f"<h1>Index of {title}</h1><ul>{''.join(rows)}</ul></body></html>\n").encode()
@@ -448,16 +554,28 @@ class StaticSite:
         return Response(200, head, b"" if req.method == b"HEAD" else body,
                         close=not req.keep_alive, request=req)
 
-    def _file(self, req: Request, fd: int, st: os.stat_result, path: bytes) -> Response:
+    def _file(self, req: Request, fd: int, st: os.stat_result, ctype: bytes) -> Response:
         size = st.st_size
-        mtime = int(st.st_mtime)
-        etag = b'"%x-%x"' % (st.st_mtime_ns, size)
-        last_modified = http_date(mtime)
-        ctype = mimetypes.guess_type(os.fsdecode(path), strict=False)[0]
-        validators = [(b"Last-Modified", last_modified), (b"ETag", etag)]
         close = not req.keep_alive
         ka10 = req.version == "1.0"
         h = req.headers
+        if not (b"range" in h or b"if-none-match" in h or b"if-modified-since" in h):
+            # The common case: a whole file. Its head is built once per file and second.
+            key = (st.st_ino, st.st_dev, st.st_mtime_ns, size, ctype, close, ka10)
+            now = http_date()
+            cached = self._heads.get(key)
+            if cached is None or cached[0] is not now:
+                if len(self._heads) > 4096:
+                    self._heads.clear()
+                cached = self._heads[key] = (now, self._full_head(st, ctype, close, ka10))
+            if req.method == b"HEAD" or size == 0:
+                return Response(200, cached[1], close=close, request=req)
+            return Response(200, cached[1], file_fd=fd, file_count=size, close=close,
+                            request=req)
+        mtime = int(st.st_mtime)
+        etag = b'"%x-%x"' % (st.st_mtime_ns, size)
+        last_modified = last_modified_date(mtime)
+        validators = [(b"Last-Modified", last_modified), (b"ETag", etag)]
         if self._not_modified(h, etag, mtime):
             return Response(304, build_head(304, validators, close=close, keep_alive_10=ka10),
                             close=close, request=req)
@@ -472,13 +590,22 @@ class StaticSite:
                 status, (offset, count) = 206, r
                 extra.append((b"Content-Range", b"bytes %d-%d/%d"
                               % (offset, offset + count - 1, size)))
-        headers = [(b"Content-Type", (ctype or "application/octet-stream").encode()),
-                   (b"Content-Length", b"%d" % count), *validators, *extra]
+        headers = [(b"Content-Type", ctype), (b"Content-Length", b"%d" % count),
+                   *validators, *extra]
         head = build_head(status, headers, close=close, keep_alive_10=ka10)
         if req.method == b"HEAD" or count == 0:
             return Response(status, head, close=close, request=req)
         return Response(status, head, file_fd=fd, file_offset=offset, file_count=count,
                         close=close, request=req)
+
+    @staticmethod
+    def _full_head(st: os.stat_result, ctype: bytes, close: bool, ka10: bool) -> bytes:
+        return build_head(200, [(b"Content-Type", ctype),
+                                (b"Content-Length", b"%d" % st.st_size),
+                                (b"Last-Modified", last_modified_date(int(st.st_mtime))),
+                                (b"ETag", b'"%x-%x"' % (st.st_mtime_ns, st.st_size)),
+                                (b"Accept-Ranges", b"bytes")],
+                          close=close, keep_alive_10=ka10)
 
     @staticmethod
     def _not_modified(h: dict, etag: bytes, mtime: int) -> bool:
@@ -558,6 +685,11 @@ class HTTPServer:
     def stop_sweeping(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+    def close(self) -> None:
+        """Stop the sweep and close the site (the engine's server is closed apart)."""
+        self.stop_sweeping()
+        self.site.close()
 
     def admit(self, h: HTTPHandler) -> bool:
         with self._lock:

@@ -59,7 +59,8 @@ def site(tmp_path_factory):
     (outside / "secret.txt").write_bytes(b"secret\n")
     os.symlink(outside / "secret.txt", root / "escape.txt")
     os.symlink(outside, root / "escape_dir")
-    os.symlink(root / "f100.bin", root / "link_inside.bin")
+    os.symlink("f100.bin", root / "link_inside.bin")
+    os.symlink(root / "f100.bin", root / "abs_link_inside.bin")
     return root, files
 
 
@@ -158,16 +159,36 @@ def test_methods_and_versions(site):
     (b"/../etc/passwd", 400), (b"/%2e%2e/etc/passwd", 400), (b"/sub/%2E%2e/%2e%2E/x", 400),
     (b"/sub/./index.html", 400), (b"/f1.bin%00.txt", 400), (b"/escape.txt", 403),
     (b"/escape_dir/secret.txt", 403), (b"/escape_dir/", 403), (b"/link_inside.bin", 200),
+    (b"/sub/../f1.bin", 400),
     (b"/a%20b.txt", 200), (b"/sub/", 200), (b"/sub", 301), (b"/empty/", 404),
     (b"/missing", 404), (b"/f1.bin/x", 404), (b"http://example/f1.bin", 200),
     (b"/sub/?q=1", 200), (b"*", 400),
 ])
-def test_paths(site, target, status):
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "by-name"])
+def test_paths(site, target, status, openat2):
     root, _ = site
-    r = status_of(session_for(root), b"GET %s HTTP/1.1\r\n\r\n" % target)
+    s = session_for(root)
+    if not openat2:
+        s.site._openat2 = None
+    elif s.site._openat2 is None:
+        pytest.skip("openat2 is not available here")
+    r = status_of(s, b"GET %s HTTP/1.1\r\n\r\n" % target)
     assert r.status == status, r.head
     if status == 301:
         assert b"Location: /sub/\r\n" in r.head
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "by-name"])
+def test_absolute_symlink_inside_root(site, openat2):
+    """openat2(RESOLVE_BENEATH) refuses absolute symlinks; by name they may point inside."""
+    root, files = site
+    s = session_for(root)
+    if not openat2:
+        s.site._openat2 = None
+    elif s.site._openat2 is None:
+        pytest.skip("openat2 is not available here")
+    r = status_of(s, b"GET /abs_link_inside.bin HTTP/1.1\r\n\r\n")
+    assert r.status == (403 if openat2 else 200)
 
 
 def test_listing_only_when_enabled(site):
@@ -241,7 +262,7 @@ def serve(engine, site):
 
     yield start
     for app in apps:
-        app.stop_sweeping()
+        app.close()
 
 
 WORKERS = [pytest.param(0, id="workers0"), pytest.param(2, id="workers2")]
