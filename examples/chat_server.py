@@ -1,0 +1,544 @@
+"""Chat server: line-based rooms; every message fans out to everyone in the room.
+
+usage: python examples/chat_server.py [--host H] [--backend B] [--max-line BYTES]
+           [--max-output BYTES] [--max-clients N] [--rate N] [--login-timeout S]
+           [--hangup-timeout S] PORT
+
+Try it with ``nc 127.0.0.1 PORT`` (or ``telnet``) in two terminals.
+
+The protocol is UTF-8 text, one line each way per message, lines ending in "\\n" (or
+"\\r\\n"):
+
+* The first line is your nickname (or send ``/nick NAME``): 1 to 16 ASCII letters, digits,
+  "_" or "-", starting with a letter, unique regardless of case. You are then in room
+  "lobby".
+* ``/join ROOM`` moves you to ROOM (made when first joined, gone when empty), ``/rooms``
+  lists the rooms, ``/who`` who is in yours, ``/nick NAME`` renames you, ``/quit`` says
+  goodbye, ``/help`` lists the commands.
+* Any other line is a message: everyone in your room, you included, receives
+  ``[room] nick: text``. All members of a room see its lines in the same order, the order
+  the server took them in, so your own copy shows where your message landed. Start a
+  message with ``//`` to send one leading "/".
+* The server's notices start with ``* `` (``* bob joined lobby``), errors with ``! ``.
+
+Bounds, so that no client can grow the server's memory or hold up the others:
+
+* A line longer than ``--max-line`` bytes gets an error and the connection is closed, as
+  soon as that many bytes have come without a newline: input is buffered up to one line.
+* At most ``--max-output`` bytes may be queued for a connection (beyond what the kernel's
+  socket buffers hold). A member that reads so slowly that the next line for it would go
+  over is disconnected: a last line ``! disconnected: ...`` is queued, the room is told
+  and the server logs it. It has ``--hangup-timeout`` seconds to read what is queued,
+  then the connection is cut. Nobody waits for it: sending to a member only queues.
+* ``--rate`` lines a second per client, in bursts of up to twice that; lines beyond it
+  are dropped with an error. ``--max-clients`` connections at once; a nickname must be
+  chosen within ``--login-timeout`` seconds.
+
+So the chat's memory is bounded by about ``--max-clients`` x (``--max-line`` +
+``--max-output``), however the clients behave.
+
+Design: :class:`Chat` is the whole chat (sessions, nicknames, rooms, line framing,
+commands, limits) and does no I/O: it writes to each client through the small
+:class:`Peer` interface (``write``, ``backlog``, ``close``), so it runs and is tested
+without sockets. :class:`ChatConnection` is the glue to proactor's handler API. The
+handlers run inline on the engine's I/O thread (``workers=0``): a fan-out is a few
+``conn.send()`` calls, which queue and never block. As every handler call and timer runs
+on that one thread, the chat's state is only ever touched by it and needs no locks.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # Run as a script, this folder comes first on sys.path, and examples/copy.py would
+    # shadow the standard library's ``copy`` module (which trio imports).
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable, Optional, Protocol  # noqa: E402
+
+import proactor  # noqa: E402
+
+log = logging.getLogger("chat")
+
+LOBBY = "lobby"
+NICK_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,15}")
+ROOM_RULE = re.compile(r"[a-z0-9][a-z0-9_-]{0,23}")
+#: C0 controls but tab, DEL, C1 controls: they would drive the other members' terminals.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+#: /rooms and /who list at most this many names, so every reply is short.
+MAX_LISTED = 50
+
+WELCOME = b"* welcome! choose a nickname: send it as a line (/help lists the commands)\n"
+HELP = (b"* commands:\n"
+        b"*   /nick NAME   change your nickname\n"
+        b"*   /join ROOM   leave your room for ROOM (made if new)\n"
+        b"*   /rooms       list the rooms\n"
+        b"*   /who         list who is in your room\n"
+        b"*   /quit        leave\n"
+        b"*   /help        this list\n"
+        b"* any other line is a message to your room; start it with // to send a leading /\n")
+BYE = b"* bye\n"
+SERVER_FULL = b"! the server is full, try again later\n"
+TOO_SLOW = b"! disconnected: too much output queued for you (you read too slowly)\n"
+NO_NICK = b"! disconnected: no nickname chosen in time\n"
+BAD_NICK = b"! a nickname is 1 to 16 letters, digits, _ or -, starting with a letter\n"
+BAD_ROOM = (b"! a room name is 1 to 24 letters, digits, _ or -, starting with a letter "
+            b"or digit\n")
+NOT_UTF8 = b"! lines must be UTF-8 text\n"
+CONTROL = b"! control characters are not allowed\n"
+NICK_FIRST = b"! choose a nickname first\n"
+UNKNOWN = b"! unknown command; /help lists them\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one client may cost the server (see the module docstring)."""
+
+    max_line: int = 1024            # bytes in a line, not counting "\n" or "\r\n"
+    max_output: int = 128 * 1024    # bytes queued for one connection
+    max_clients: int = 1000         # connections at once
+    rate: float = 10.0              # lines a second per client, 0: no limit
+    login_timeout: float = 30.0     # seconds to choose a nickname
+    hangup_timeout: float = 5.0     # seconds to read the last lines before the cut
+
+    def __post_init__(self) -> None:
+        if self.max_line < 64:
+            raise ValueError("max_line must be at least 64 bytes")
+        if self.max_output < self.max_line + 4096:
+            # a message, or any reply, must fit in an empty output queue
+            raise ValueError("max_output must be at least max_line + 4096 bytes")
+        if self.max_clients < 1:
+            raise ValueError("max_clients must be at least 1")
+        if self.rate < 0:
+            raise ValueError("rate must not be negative")
+        if self.login_timeout <= 0 or self.hangup_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+
+    @property
+    def burst(self) -> float:
+        """Lines a client may send at once after a pause."""
+        return max(1.0, 2 * self.rate)
+
+
+class Peer(Protocol):
+    """Where a session's output goes: one client connection."""
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` to the client (never blocks)."""
+
+    def backlog(self) -> int:
+        """Bytes queued for the client and not sent yet."""
+
+    def close(self) -> None:
+        """Close once what is queued has been sent (or give up soon: see ``hangup_timeout``).
+        The chat writes nothing more after it."""
+
+
+class Session:
+    """One client, from its connection to its disconnection."""
+
+    __slots__ = ("peer", "nick", "room", "open", "_buf", "_tokens", "_stamp")
+
+    def __init__(self, peer: Peer, now: float, burst: float) -> None:
+        self.peer = peer
+        self.nick: Optional[str] = None
+        self.room: Optional[str] = None
+        self.open = True                # False once the chat has hung up on it
+        self._buf = bytearray()         # the start of a line whose newline has not come
+        self._tokens = burst            # the rate limit's token bucket
+        self._stamp = now
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of input held while waiting for the rest of the line."""
+        return len(self._buf)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.nick or '(no nickname)'} from {self.peer}>"
+
+
+class Chat:
+    """Rooms of named clients; all the chat's logic, no I/O.
+
+    Call :meth:`connect` for each new client, then :meth:`receive` with the bytes it sends,
+    :meth:`eof` when it has stopped sending, :meth:`lost` when its connection is gone (also
+    after the chat closed it). Output goes to the session's :class:`Peer`. ``clock`` is the
+    time in seconds, for the rate limit. Not thread-safe: call it from one thread.
+    """
+
+    def __init__(self, limits: Limits = Limits(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self._clock = clock
+        self.sessions: set[Session] = set()             # connected, until lost()
+        self.names: dict[str, Session] = {}             # nick.lower() -> session
+        self.rooms: dict[str, dict[Session, None]] = {}  # room -> members, in join order
+
+    # ------------------------------------------------------------------ events
+    def connect(self, peer: Peer) -> Session:
+        """A client connected. Over ``max_clients`` it is told so and closed at once
+        (the session returned is then not open)."""
+        s = Session(peer, self._clock(), self.limits.burst)
+        if len(self.sessions) >= self.limits.max_clients:
+            log.warning("refusing %s: %d clients connected", peer, len(self.sessions))
+            s.open = False
+            peer.write(SERVER_FULL)
+            peer.close()
+            return s
+        self.sessions.add(s)
+        self._reply(s, WELCOME)
+        return s
+
+    def receive(self, s: Session, data: bytes) -> None:
+        """Bytes from the client: handle each complete line, keep the rest (at most
+        ``max_line`` bytes, plus a "\\r"; a longer line ends the connection)."""
+        if not s.open:
+            return
+        buf = s._buf
+        buf += data
+        limit = self.limits.max_line
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            stop = end - 1 if end > start and buf[end - 1] == 0x0D else end   # "\r\n"
+            if stop - start > limit:
+                self._line_too_long(s)
+                return
+            line = bytes(buf[start:stop])
+            start = end + 1
+            self._line(s, line)
+            if not s.open:
+                return
+        del buf[:start]
+        n = len(buf)
+        if n > limit + 1 or (n == limit + 1 and buf[-1] != 0x0D):
+            self._line_too_long(s)
+
+    def eof(self, s: Session) -> None:
+        """The client stopped sending: take a last line without its newline, then close."""
+        if not s.open:
+            return
+        rest = bytes(s._buf).rstrip(b"\r")
+        s._buf.clear()
+        if rest:
+            self._line(s, rest)          # at most max_line bytes: receive() checked
+        self._hangup(s, b"")
+
+    def lost(self, s: Session) -> None:
+        """The connection is gone (whoever closed it)."""
+        self.sessions.discard(s)
+        if s.open:
+            s.open = False
+            self._forget(s, None)
+
+    def login_expired(self, s: Session) -> None:
+        """``login_timeout`` has passed since :meth:`connect`: no nickname, no stay."""
+        if s.open and s.nick is None:
+            log.info("disconnecting %s: no nickname chosen in time", s.peer)
+            self._hangup(s, NO_NICK)
+
+    # ------------------------------------------------------------------ lines
+    def _line(self, s: Session, raw: bytes) -> None:
+        if not raw.strip():
+            return
+        if not self._take_token(s):
+            self._reply(s, b"! slow down: at most %g lines a second; line dropped\n"
+                        % self.limits.rate)
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(s, NOT_UTF8)
+            return
+        if CONTROL_CHARS.search(text):
+            self._reply(s, CONTROL)
+            return
+        if text.startswith("/") and not text.startswith("//"):
+            cmd, _, arg = text[1:].partition(" ")
+            self._command(s, cmd.lower(), arg.strip())
+        elif s.nick is None:
+            self._set_nick(s, text.strip())
+        else:
+            self._say(s, text[1:] if text.startswith("//") else text)
+
+    def _take_token(self, s: Session) -> bool:
+        rate = self.limits.rate
+        if not rate:
+            return True
+        now = self._clock()
+        tokens = min(self.limits.burst, s._tokens + (now - s._stamp) * rate)
+        s._stamp = now
+        if tokens < 1:
+            s._tokens = tokens
+            return False
+        s._tokens = tokens - 1
+        return True
+
+    def _command(self, s: Session, cmd: str, arg: str) -> None:
+        if cmd == "help":
+            self._reply(s, HELP)
+        elif cmd == "quit":
+            self._hangup(s, BYE)
+        elif cmd == "nick":
+            self._set_nick(s, arg)
+        elif s.nick is None:
+            self._reply(s, NICK_FIRST)
+        elif cmd == "join":
+            self._join(s, arg.lower())
+        elif cmd == "rooms":
+            rooms = [f"{name} ({len(m)})" for name, m in sorted(self.rooms.items())]
+            self._reply(s, f"* rooms: {_listing(rooms)}\n".encode())
+        elif cmd == "who":
+            assert s.room is not None
+            names = sorted((m.nick or "" for m in self.rooms[s.room]), key=str.lower)
+            self._reply(s, f"* in {s.room} ({len(names)}): {_listing(names)}\n".encode())
+        else:
+            self._reply(s, UNKNOWN)
+
+    def _set_nick(self, s: Session, name: str) -> None:
+        if not NICK_RULE.fullmatch(name):
+            self._reply(s, BAD_NICK)
+            return
+        key = name.lower()
+        holder = self.names.get(key)
+        if holder is not None and holder is not s:
+            self._reply(s, f"! the nickname {name} is taken\n".encode())
+            return
+        old = s.nick
+        if old == name:
+            self._reply(s, f"! you are {name} already\n".encode())
+            return
+        if old is not None:
+            del self.names[old.lower()]
+        self.names[key] = s
+        s.nick = name
+        if old is None:
+            if self._reply(s, f"* hello {name}\n".encode()):
+                self._enter(s, LOBBY)
+        else:
+            assert s.room is not None
+            self._broadcast(s.room, f"* {old} is now {name}\n")
+
+    def _join(self, s: Session, room: str) -> None:
+        if not ROOM_RULE.fullmatch(room):
+            self._reply(s, BAD_ROOM)
+        elif room == s.room:
+            self._reply(s, f"! you are in {room} already\n".encode())
+        else:
+            self._leave(s, f"* {s.nick} left {s.room}\n")
+            self._enter(s, room)
+
+    def _say(self, s: Session, text: str) -> None:
+        assert s.room is not None
+        self._broadcast(s.room, f"[{s.room}] {s.nick}: {text}\n")
+
+    # ------------------------------------------------------------------ rooms
+    def _enter(self, s: Session, room: str) -> None:
+        self.rooms.setdefault(room, {})[s] = None
+        s.room = room
+        self._broadcast(room, f"* {s.nick} joined {room}\n")
+
+    def _leave(self, s: Session, notice: str) -> None:
+        """Take ``s`` out of its room and tell the members left there."""
+        room = s.room
+        if room is None:
+            return
+        s.room = None
+        members = self.rooms[room]
+        del members[s]
+        if members:
+            self._broadcast(room, notice)
+        else:
+            del self.rooms[room]
+
+    # ------------------------------------------------------------------ output
+    def _broadcast(self, room: str, line: str) -> None:
+        """Queue ``line`` to every member of ``room``; disconnect those it would put over
+        ``max_output`` (after the loop: they are told, and the room is told about them,
+        after this line)."""
+        members = self.rooms.get(room)
+        if not members:
+            return
+        data = line.encode()
+        room_left = self.limits.max_output - len(data)
+        slow = []
+        for m in tuple(members):
+            peer = m.peer
+            if peer.backlog() > room_left:
+                slow.append(m)
+            else:
+                peer.write(data)
+        for m in slow:
+            self._too_slow(m)
+
+    def _reply(self, s: Session, data: bytes) -> bool:
+        """Queue ``data`` to ``s`` alone; False if ``s`` is (now) disconnected."""
+        if not s.open:
+            return False
+        if s.peer.backlog() + len(data) > self.limits.max_output:
+            self._too_slow(s)
+            return False
+        s.peer.write(data)
+        return True
+
+    def _too_slow(self, s: Session) -> None:
+        if s.open:
+            log.warning("disconnecting %s (%s): %d bytes queued for it, limit %d",
+                        s.peer, s.nick, s.peer.backlog(), self.limits.max_output)
+            self._hangup(s, TOO_SLOW, "too slow")
+
+    def _line_too_long(self, s: Session) -> None:
+        log.info("disconnecting %s (%s): line over %d bytes", s.peer, s.nick,
+                 self.limits.max_line)
+        self._hangup(s, b"! line too long (the limit is %d bytes); goodbye\n"
+                     % self.limits.max_line, "line too long")
+
+    def _hangup(self, s: Session, last: bytes, reason: Optional[str] = None) -> None:
+        """Close ``s`` after ``last`` (queued even over ``max_output``: it is short) and
+        take it out of the chat; ``reason`` None means it left of its own accord."""
+        if not s.open:
+            return
+        s.open = False
+        s._buf = bytearray()
+        if last:
+            s.peer.write(last)
+        s.peer.close()
+        self._forget(s, reason)
+
+    def _forget(self, s: Session, reason: Optional[str]) -> None:
+        """Free the nickname of ``s`` and take it out of its room, telling the room."""
+        if s.nick is None:
+            return
+        del self.names[s.nick.lower()]
+        if reason is None:
+            self._leave(s, f"* {s.nick} quit\n")
+        else:
+            self._leave(s, f"* {s.nick} was disconnected ({reason})\n")
+
+
+def _listing(names: list) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    if len(names) > MAX_LISTED:
+        shown += f", and {len(names) - MAX_LISTED} more"
+    return shown
+
+
+class ChatConnection(proactor.Handler):
+    """One TCP connection: proactor's handler events go to the :class:`Chat`, and this
+    is the session's :class:`Peer`. Runs on the engine's thread (``workers=0``)."""
+
+    def __init__(self, chat: Chat, engine: Any) -> None:
+        self.chat = chat
+        self.engine = engine
+        self.conn: Any = None
+        self.session: Optional[Session] = None
+        self.label = "?"
+        self._timer: Any = None          # the login timeout, then the hang-up timeout
+
+    # -- proactor.Handler
+    def connection_made(self, conn: Any) -> None:
+        self.conn = conn
+        try:
+            host, port = conn.peername[:2]
+            self.label = f"{host}:{port}"
+        except OSError:
+            pass                         # already reset by the client
+        self.session = s = self.chat.connect(self)
+        if s.open:
+            self._timer = self.engine.call_later(self.chat.limits.login_timeout,
+                                                 self.chat.login_expired, s)
+
+    def data_received(self, conn: Any, data: bytes) -> None:
+        assert self.session is not None
+        self.chat.receive(self.session, data)
+
+    def eof_received(self, conn: Any) -> None:
+        assert self.session is not None
+        self.chat.eof(self.session)
+
+    def connection_lost(self, conn: Any, exc: Optional[BaseException]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.session is not None:
+            self.chat.lost(self.session)
+
+    # -- Peer
+    def write(self, data: bytes) -> None:
+        try:
+            self.conn.send(data)
+        except BrokenPipeError:
+            pass                         # failed and closing: connection_lost follows
+
+    def backlog(self) -> int:
+        return self.conn.get_write_buffer_size()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.conn.close()
+        # A client that does not read would keep the connection (and what is queued for
+        # it) forever: cut it off if it has not taken everything in time.
+        self._timer = self.engine.call_later(self.chat.limits.hangup_timeout,
+                                             self.conn.abort)
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def serve(engine: Any, host: str = "127.0.0.1", port: int = 0,
+          limits: Limits = Limits()) -> tuple[Any, Chat]:
+    """Serve a new :class:`Chat` on ``host:port``; returns the server and the chat (whose
+    state belongs to the engine's thread)."""
+    chat = Chat(limits, clock=engine.time)
+    server = engine.serve_tcp(lambda: ChatConnection(chat, engine), host, port, workers=0)
+    return server, chat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Limits()
+    p.add_argument("port", type=int)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--backend", default=None, choices=["auto", "uring", "trio"],
+                   help="engine backend (default: $PROACTOR_BACKEND or auto)")
+    p.add_argument("--max-line", type=int, default=d.max_line, metavar="BYTES",
+                   help=f"longest line accepted (default {d.max_line})")
+    p.add_argument("--max-output", type=int, default=d.max_output, metavar="BYTES",
+                   help="output queued for a client before it is disconnected as too "
+                        f"slow (default {d.max_output})")
+    p.add_argument("--max-clients", type=int, default=d.max_clients, metavar="N",
+                   help=f"connections at once (default {d.max_clients})")
+    p.add_argument("--rate", type=float, default=d.rate, metavar="N",
+                   help=f"lines a second per client, 0 for no limit (default {d.rate:g})")
+    p.add_argument("--login-timeout", type=float, default=d.login_timeout, metavar="S",
+                   help=f"seconds to choose a nickname (default {d.login_timeout:g})")
+    p.add_argument("--hangup-timeout", type=float, default=d.hangup_timeout, metavar="S",
+                   help="seconds a disconnected client has to read its last lines "
+                        f"(default {d.hangup_timeout:g})")
+    a = p.parse_args()
+    try:
+        limits = Limits(max_line=a.max_line, max_output=a.max_output,
+                        max_clients=a.max_clients, rate=a.rate,
+                        login_timeout=a.login_timeout, hangup_timeout=a.hangup_timeout)
+    except ValueError as e:
+        p.error(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    engine = proactor.Engine(backend=a.backend)
+    server, _ = serve(engine, a.host, a.port, limits)
+    print(f"listening on {a.host}:{server.port}", flush=True)
+    engine.run()
+
+
+if __name__ == "__main__":
+    main()
