@@ -56,14 +56,17 @@ $(VENV)/.installed-dev: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The HTTP/1.1 static file server, serving the demo site in examples/demo_site.
 run: deps $(STAMP)
-	$(PY) examples/echo_server.py --host $(HOST) $(PORT)
+	$(PY) examples/http_server.py --host $(HOST) $(PORT)
 
 # pytest's exit code is passed through as is (5 = no tests collected).
 test: deps $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Python peers (uvloop, trio, httptools) and nginx for bench/static_vs_nginx.sh.
 bench-deps: $(VENV)/.installed-bench
+	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update && $(APT_INSTALL) nginx; }
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
