@@ -23,8 +23,9 @@ Hardening, each with its status and a closed connection: request line over
 9112 frames a request by its headers whatever the method), unparsable requests (400),
 methods other than GET and HEAD (405), more than ``max_connections`` clients (503), a
 request head not complete within ``header_timeout`` (408: slowloris), an idle keep-alive
-connection past ``keepalive_timeout`` (closed), ``..`` segments, encoded or not, and NUL
-(400), files reached through a symlink leading out of the root (403).
+connection past ``keepalive_timeout`` (closed), a client that takes none of its queued
+response for ``send_timeout`` (aborted), ``..`` segments, encoded or not, and NUL (400),
+files reached through a symlink leading out of the root (403).
 
 ``--hello`` answers every request with the 78-byte reply of the benchmark peer
 (``Hello, World!``), to measure the engine and the parser alone.
@@ -74,6 +75,7 @@ class Limits:
     max_connections: int = 10000        # open client connections -> 503
     header_timeout: float = 10.0        # seconds for a whole request head (and body) -> 408
     keepalive_timeout: float = 15.0     # seconds idle between requests -> closed
+    send_timeout: float = 60.0          # seconds queued output may make no progress -> abort
     max_buffered_output: int = 1 << 20  # queued response bytes before pipelining waits
 
 
@@ -716,6 +718,8 @@ class HTTPHandler(proactor.Handler):
         self.lock = threading.Lock()
         self.eof = False
         self.waiting = False                 # paused until the output drains
+        self.backlog = 0                     # queued output at the last sweep
+        self.backlog_since = 0.0             # ... unchanged since then
 
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
@@ -805,6 +809,18 @@ class HTTPHandler(proactor.Handler):
         with self.lock:
             if self.conn is None or self.conn.closed:
                 return
+            backlog = self.conn.get_write_buffer_size()
+            if backlog:
+                # A response is on its way: the client must keep taking it.
+                if backlog != self.backlog:
+                    self.backlog, self.backlog_since = backlog, now
+                elif now - self.backlog_since > self.server.limits.send_timeout:
+                    logger.info("%r: no output taken for %.0f s; aborting", self.conn,
+                                now - self.backlog_since)
+                    self.session.close()
+                    self.conn.abort()
+                return
+            self.backlog = 0
             why = self.session.timed_out(now)
             if why == "header":
                 self.session.done = True
@@ -865,6 +881,7 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--max-connections", type=int, default=d.max_connections)
     p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout)
     p.add_argument("--header-timeout", type=float, default=d.header_timeout)
+    p.add_argument("--send-timeout", type=float, default=d.send_timeout)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING,
                         format="%(message)s")
@@ -873,7 +890,8 @@ def main(argv: Optional[list] = None) -> None:
         server = engine.serve_tcp(HelloHandler, a.host, a.port, workers=a.workers)
     else:
         limits = Limits(max_connections=a.max_connections,
-                        keepalive_timeout=a.keepalive_timeout, header_timeout=a.header_timeout)
+                        keepalive_timeout=a.keepalive_timeout, header_timeout=a.header_timeout,
+                        send_timeout=a.send_timeout)
         app = HTTPServer(engine, StaticSite(a.root, listing=a.listing), limits,
                          log_access=a.access_log)
         app.start_sweeping()

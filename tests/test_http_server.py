@@ -405,6 +405,17 @@ def test_idle_keepalive_closed(serve, site):
     wait_until(lambda: not app.handlers)
 
 
+def test_client_that_never_reads_is_aborted(serve, site):
+    root, _ = site
+    (root / "big2.bin").write_bytes(b"\0" * (32 << 20))
+    app, port = serve(send_timeout=0.3, sweep=0.1)
+    with connect(("127.0.0.1", port), rcvbuf=4096) as s:
+        s.sendall(b"GET /big2.bin HTTP/1.1\r\n\r\n")
+        wait_until(lambda: not app.handlers, timeout=10)   # aborted, not left hanging
+        got = recv_until_eof(s)
+    assert 0 < len(got) < 32 << 20
+
+
 def test_too_many_connections(serve):
     app, port = serve(max_connections=2)
     with connect(("127.0.0.1", port)) as a, connect(("127.0.0.1", port)) as b:
