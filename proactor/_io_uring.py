@@ -68,6 +68,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from ._common import (
@@ -142,7 +143,7 @@ class UringConnection(BaseConnection):
     """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
     called from any thread; everything else from the handler (or the engine's thread)."""
 
-    __slots__ = ("_r", "_slot", "_gen", "_tid")
+    __slots__ = ("_r", "_slot", "_gen", "_tid", "_held")
 
     def __init__(self, engine: UringEngine, slot: int, gen: int, fd: int,
                  server: Optional[UringServer], pool: Optional[WorkerPool]) -> None:
@@ -151,6 +152,9 @@ class UringConnection(BaseConnection):
         self._tid = engine._thread_id     # the engine's thread: sends go straight in
         self._slot = slot
         self._gen = gen
+        # Events that came after pause_reading() (the ring's receive stops a little
+        # later than asked): delivered in order once reading resumes.
+        self._held: Optional[deque] = None
 
     # -- sending
     def send(self, data: Any) -> None:
@@ -190,9 +194,27 @@ class UringConnection(BaseConnection):
     # -- reading
     def _set_reading(self, on: bool) -> None:
         if on:
-            lib.px_resume_reading(self._r, self._slot, self._gen)
+            if self._held:
+                self._engine.call_soon(self._release_held)   # the held events first
+            else:
+                lib.px_resume_reading(self._r, self._slot, self._gen)
         else:
             lib.px_pause_reading(self._r, self._slot, self._gen)
+
+    def _hold(self, kind: int, arg: Any) -> None:
+        if self._held is None:
+            self._held = deque()
+        self._held.append((kind, arg))
+
+    def _release_held(self) -> None:
+        held = self._held
+        while held and not self._user_paused and not self._closing:
+            kind, arg = held.popleft()
+            run_handler_event(self, kind, arg)
+        if self._closing or not held:
+            self._held = None
+        if not self._user_paused and not self._closing:
+            lib.px_resume_reading(self._r, self._slot, self._gen)
 
     def _pause_for_pool(self) -> bool:
         return lib.px_pause_reading(self._engine._r, self._slot, self._gen) == 1
@@ -468,6 +490,9 @@ class UringEngine(BaseEngine):
                     continue               # closed by the user: reading has stopped
                 p = c._wpool
                 if p is None:
+                    if c._user_paused or c._held is not None:
+                        c._hold(DATA, pool_mem[aux:aux + res])
+                        continue
                     try:
                         c._data_received(c, pool_mem[aux:aux + res])
                     except Exception as e:
@@ -520,6 +545,9 @@ class UringEngine(BaseEngine):
     def _deliver(self, c: UringConnection, kind: int, arg: Any) -> None:
         p = c._wpool
         if p is None:
+            if kind == EOF and (c._user_paused or c._held):
+                c._hold(kind, arg)             # after the data held before it
+                return
             run_handler_event(c, kind, arg)
             return
         if not p._batch:

@@ -411,3 +411,45 @@ def test_stats_from_other_threads_while_closing(backend):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok"
+
+
+def test_pause_reading_stops_data_at_once(engine):
+    """Inline handler: no data_received between pause_reading() and resume_reading(),
+    even for bytes the engine had already received; then everything, in order."""
+    got = bytearray()
+    during_pause = []
+    state = {"paused": False, "pauses": 0}
+    done = threading.Event()
+    total = 200 * 1000
+
+    class H(proactor.Handler):
+        def data_received(self, conn, data):
+            if state["paused"]:
+                during_pause.append(len(data))
+            got.extend(data)
+            if state["pauses"] < 3:
+                state["pauses"] += 1
+                state["paused"] = True
+                conn.pause_reading()
+
+                def resume():
+                    state["paused"] = False
+                    conn.resume_reading()
+                engine.call_later(0.2, resume)
+            if len(got) >= total:
+                done.set()
+
+        def eof_received(self, conn):
+            assert not state["paused"]
+            conn.close()
+
+    srv = engine.serve_tcp(H, "127.0.0.1", 0)
+    payload = b"".join(b"%09d\n" % i for i in range(total // 10))
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, total, 1000):          # many small segments: many completions
+            s.sendall(payload[i:i + 1000])
+        s.shutdown(socket.SHUT_WR)
+        assert done.wait(20)
+    assert during_pause == []
+    assert bytes(got) == payload

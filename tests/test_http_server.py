@@ -411,6 +411,7 @@ def test_client_that_never_reads_is_aborted(serve, site):
     app, port = serve(send_timeout=0.3, sweep=0.1)
     with connect(("127.0.0.1", port), rcvbuf=4096) as s:
         s.sendall(b"GET /big2.bin HTTP/1.1\r\n\r\n")
+        wait_until(lambda: app.handlers)
         wait_until(lambda: not app.handlers, timeout=10)   # aborted, not left hanging
         got = recv_until_eof(s)
     assert 0 < len(got) < 32 << 20
