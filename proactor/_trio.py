@@ -262,28 +262,23 @@ class TrioConnection(BaseConnection):
             if n == len(data):
                 return
             data = memoryview(data)[n:]
-        self._sendq.append(data)
-        n = len(data)
-        self._sendq_bytes += n
-        eng._send_queued += n
-        if not self._writing:
-            self._writing = True
-            self._tasks += 1
-            self._wscope = trio.CancelScope()
-            eng._nwrite += 1
-            eng._nursery.start_soon(eng._writer, self)
+        self._enqueue(data)
 
     def _sendfile_now(self, fd: int, offset: int, count: int, owned: bool) -> None:
         if self._closed or self._aborted:
             if owned:
                 os.close(fd)
             return
-        f = _FileChunk(fd if owned else os.dup(fd), offset, count)
-        eng = self._engine
-        self._sendq.append(f)
         self._nfiles += 1
-        self._sendq_bytes += count
-        eng._send_queued += count
+        self._enqueue(_FileChunk(fd if owned else os.dup(fd), offset, count))
+
+    def _enqueue(self, item: Any) -> None:
+        """Queue bytes or a _FileChunk for the writer task, starting it if needed."""
+        eng = self._engine
+        self._sendq.append(item)
+        n = len(item)
+        self._sendq_bytes += n
+        eng._send_queued += n
         if not self._writing:
             self._writing = True
             self._tasks += 1
