@@ -730,10 +730,11 @@ int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t 
 }
 
 /* Queue `count` bytes of the file `fd` from `off`, to go out after what was queued
- * before. The fd is duplicated (the caller may close its own at once); the file is read
- * a window at a time as the queue reaches it, into memory owned here, and sent from
- * there: the bytes never become Python objects, and at most PX_FILE_WINDOW of the file
- * is held per queued file. Returns the bytes now queued on the connection (or -errno). */
+ * before. The fd is taken over (closed once sent or dropped) unless this fails. The
+ * file is read a window at a time as the queue reaches it, into memory owned here, and
+ * sent from there: the bytes never become Python objects, and at most PX_FILE_WINDOW of
+ * the file is held per queued file. Returns the bytes now queued on the connection, or
+ * -errno (the fd is then still the caller's). */
 int px_sendfile(struct px_ring *r, int slot, uint32_t gen, int fd, uint64_t off, uint64_t count)
 {
     struct px_conn *c = conn_get(r, slot, gen);
@@ -745,8 +746,7 @@ int px_sendfile(struct px_ring *r, int slot, uint32_t gen, int fd, uint64_t off,
     struct px_chunk *ch = malloc(sizeof *ch);
     if (!ch) return -ENOMEM;
     ch->p = NULL;                           /* the window: allocated when first loaded */
-    ch->ffd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (ch->ffd < 0) { int e = errno; free(ch); return -e; }
+    ch->ffd = fd;
     ch->len = ch->off = 0; ch->cap = cap; ch->foff = off; ch->fleft = count; ch->next = NULL;
     if (c->tail) c->tail->next = ch; else c->head = ch;
     c->tail = ch;

@@ -30,6 +30,13 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from ._errors import EngineClosed, os_error
 
+try:
+    import fcntl as _fcntl
+except ImportError:                           # Windows
+    _fcntl = None  # type: ignore[assignment]
+
+_OFF_MAX = (1 << 63) - 1                      # the largest file offset (off_t)
+
 logger = logging.getLogger("proactor")
 
 __all__ = ["Handler", "Stats", "Op", "TimerHandle", "WorkerPool", "bind_tcp",
@@ -463,8 +470,11 @@ class BaseConnection:
         promised, or cannot be read, the connection is aborted and ``connection_lost``
         gets the ``OSError`` (``ENODATA`` for a short file; operation "sendfile").
 
-        Raises ``BrokenPipeError`` once the connection is closing, ``OSError`` if the
-        fd is not a readable regular file, ``ValueError`` for a negative offset or count."""
+        Raises ``BrokenPipeError`` once the connection is closing, ``OSError`` if the fd
+        is not a regular file open for reading or cannot be duplicated (``EMFILE``: then
+        nothing is queued), ``ValueError`` for a negative or too large offset or count.
+        From another thread than the engine's, a failure to queue the file once the call
+        has returned aborts the connection (``connection_lost`` gets the error)."""
         if self._closing:
             raise os_error(errno.EPIPE, "sendfile")
         fd = file if isinstance(file, int) else file.fileno()
@@ -473,23 +483,34 @@ class BaseConnection:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, f"not a regular file: fd {fd} (sendfile)")
+        if _fcntl is not None and _fcntl.fcntl(fd, _fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+            raise OSError(errno.EBADF, f"not open for reading: fd {fd} (sendfile)")
         if count is None:
             count = max(0, st.st_size - offset)
+        if offset + count > _OFF_MAX:
+            raise ValueError("offset + count is beyond the largest file offset")
         if not count:
-            return
-        if _get_ident() == self._engine._thread_id:
-            self._sendfile_now(fd, offset, count, False)
             return
         dup = os.dup(fd)                     # the caller may close ``fd`` once we return
         try:
-            self._engine._post(self._sendfile_now, dup, offset, count, True)
+            if _get_ident() == self._engine._thread_id:
+                self._sendfile_now(dup, offset, count)
+            else:
+                self._engine._post(self._sendfile_posted, dup, offset, count)
         except BaseException:
             os.close(dup)
             raise
 
-    def _sendfile_now(self, fd: int, offset: int, count: int, owned: bool) -> None:
-        """Backend: queue ``count`` bytes of file ``fd`` from ``offset`` (engine's thread);
-        close ``fd`` when done with it if ``owned``, else duplicate it."""
+    def _sendfile_posted(self, fd: int, offset: int, count: int) -> None:
+        try:
+            self._sendfile_now(fd, offset, count)
+        except OSError as e:
+            os.close(fd)
+            self._fail(e)                    # the bytes after it must not go out
+
+    def _sendfile_now(self, fd: int, offset: int, count: int) -> None:
+        """Backend: queue ``count`` bytes of file ``fd`` from ``offset``, taking ``fd``
+        over (engine's thread). If it raises, ``fd`` is still the caller's."""
         raise NotImplementedError
 
     def get_write_buffer_size(self) -> int:

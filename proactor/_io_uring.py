@@ -109,6 +109,7 @@ SETUP_FLAGS_TRIED = (
 )
 
 EV_ACCEPT, EV_DATA, EV_EOF, EV_CLOSED, EV_OP, EV_WAKE, EV_DRAINED = range(1, 8)
+_ENOMEM = -errno.ENOMEM
 _KIND_NAMES = {1: "accept", 2: "recv", 3: "send", 4: "op", 8: "sendfile"}
 
 #: Memory that the kernel may still reference when an engine had to give up waiting
@@ -165,21 +166,28 @@ class UringConnection(BaseConnection):
         if type(data) is not bytes:
             data = bytes(data)
         if _get_ident() == self._tid:
-            _px_send(self._r, self._slot, self._gen, data, len(data))
+            if _px_send(self._r, self._slot, self._gen, data, len(data)) == _ENOMEM:
+                self._no_memory()
         else:
             self._engine._post(self._send_now, data)
 
     send.__doc__ = BaseConnection.send.__doc__
 
     def _send_now(self, data: bytes) -> None:
-        lib.px_send(self._r, self._slot, self._gen, data, len(data))
+        if lib.px_send(self._r, self._slot, self._gen, data, len(data)) == _ENOMEM:
+            self._no_memory()
 
-    def _sendfile_now(self, fd: int, offset: int, count: int, owned: bool) -> None:
-        try:
-            lib.px_sendfile(self._r, self._slot, self._gen, fd, offset, count)
-        finally:
-            if owned:
-                os.close(fd)
+    def _no_memory(self) -> None:
+        # The bytes could not be queued: what follows must not go out without them.
+        self._fail(os_error(errno.ENOMEM, "send"))
+
+    def _sendfile_now(self, fd: int, offset: int, count: int) -> None:
+        n = lib.px_sendfile(self._r, self._slot, self._gen, fd, offset, count)
+        if n == _ENOMEM:
+            raise os_error(n, "sendfile")      # nothing was queued; the fd is still ours
+        if n < 0:
+            os.close(fd)      # closing or failed: dropped, as send() does (connection_lost
+                              # reports the failure)
 
     def _queued_size(self) -> int:
         with self._engine._life_lock:       # another thread may be asking while it closes

@@ -264,13 +264,12 @@ class TrioConnection(BaseConnection):
             data = memoryview(data)[n:]
         self._enqueue(data)
 
-    def _sendfile_now(self, fd: int, offset: int, count: int, owned: bool) -> None:
+    def _sendfile_now(self, fd: int, offset: int, count: int) -> None:
         if self._closed or self._aborted:
-            if owned:
-                os.close(fd)
+            os.close(fd)
             return
         self._nfiles += 1
-        self._enqueue(_FileChunk(fd if owned else os.dup(fd), offset, count))
+        self._enqueue(_FileChunk(fd, offset, count))
 
     def _enqueue(self, item: Any) -> None:
         """Queue bytes or a _FileChunk for the writer task, starting it if needed."""

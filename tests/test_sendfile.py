@@ -182,3 +182,92 @@ def test_sendfile_aborted_midway_releases_file(engine, data_file):
         assert len(s.recv(1000)) > 0
         conns[0].abort()
         wait_until(lambda: conns[0].closed)
+
+
+def test_sendfile_refuses_write_only_fd_and_huge_count(engine, tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"abc")
+    errors = []
+    done = threading.Event()
+
+    class H(proactor.Handler):
+        def connection_made(self, conn):
+            wfd = os.open(p, os.O_WRONLY)
+            try:
+                try:
+                    conn.sendfile(wfd)
+                except OSError as e:
+                    errors.append(e)
+            finally:
+                os.close(wfd)
+            with open(p, "rb") as f:
+                try:
+                    conn.sendfile(f, 1, (1 << 63) - 1)
+                except ValueError as e:
+                    errors.append(e)
+            conn.send(b"ok")
+            conn.close()
+            done.set()
+
+    srv = engine.serve_tcp(H, "127.0.0.1", 0)
+    with connect(("127.0.0.1", srv.port)) as s:
+        assert done.wait(10)
+        assert recv_until_eof(s) == b"ok"
+    assert isinstance(errors[0], OSError) and errors[0].errno == errno.EBADF
+    assert isinstance(errors[1], ValueError)
+
+
+EMFILE_SCRIPT = r"""
+import errno, os, resource, socket, sys, threading
+import proactor
+out = {}
+done = threading.Event()
+
+class H(proactor.Handler):
+    def connection_made(self, conn):
+        fds = [os.open(sys.argv[2], os.O_RDONLY)]      # the file, then nothing free
+        try:
+            while True:
+                fds.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            conn.send(b"<")
+            try:
+                conn.sendfile(fds[0])
+            except OSError as e:
+                out["err"] = e.errno
+        finally:
+            for fd in fds:
+                os.close(fd)
+        conn.send(b">")
+        conn.close()
+        done.set()
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+eng = proactor.Engine(backend=sys.argv[1])
+eng.start()
+srv = eng.serve_tcp(H, "127.0.0.1", 0)
+with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+    done.wait(10)
+    data = b""
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        data += b
+eng.close()
+print(out.get("err"), data)
+"""
+
+
+def test_sendfile_without_free_fds_raises_and_queues_nothing(backend, tmp_path):
+    """EMFILE: sendfile raises, nothing of the file is queued, the stream stays intact."""
+    import subprocess
+    import sys
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 100)
+    r = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT, backend, str(p)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(errno.EMFILE), "b'<>'"], (r.stdout, r.stderr)
