@@ -5,9 +5,10 @@ usage: python examples/http_server.py [--root DIR] [--host H] [--workers N] [--b
 
 Serves the files under ``--root`` (default: the demo site next to this file) with GET
 and HEAD: keep-alive and pipelining (answers in request order), ``Last-Modified`` /
-``If-Modified-Since``, ``ETag`` / ``If-None-Match``, single byte ranges (206/416) with
-``If-Range``, MIME types from :mod:`mimetypes`, ``index.html`` for a directory and no
-listing unless ``--listing``. File bodies go out with ``conn.sendfile``: the engine reads
+``If-Modified-Since``, ``ETag`` / ``If-None-Match``, ``If-Match`` /
+``If-Unmodified-Since`` (412), single byte ranges (206/416) with ``If-Range``,
+``Expect: 100-continue``, MIME types from :mod:`mimetypes`, ``index.html`` for a
+directory and no listing unless ``--listing``. File bodies go out with ``conn.sendfile``: the engine reads
 them a window at a time and they never pass through Python objects, so a large file is
 streamed with bounded memory.
 
@@ -21,11 +22,15 @@ Hardening, each with its status and a closed connection: request line over
 ``max_request_line`` (414), header block over ``max_header_bytes`` or ``max_headers``
 (431), a request body over ``max_body`` (413; smaller bodies are read and ignored, RFC
 9112 frames a request by its headers whatever the method), unparsable requests (400),
-methods other than GET and HEAD (405), more than ``max_connections`` clients (503), a
-request head not complete within ``header_timeout`` (408: slowloris), an idle keep-alive
+an HTTP/1.1 request without exactly one valid ``Host`` (400), versions other than 1.0
+and 1.1 (505), more than ``max_connections`` clients (503), a request head not complete
+within ``header_timeout`` (408: slowloris), an idle keep-alive
 connection past ``keepalive_timeout`` (closed), a client that takes none of its queued
 response for ``send_timeout`` (aborted), ``..`` segments, encoded or not, and NUL (400),
-files reached through a symlink leading out of the root (403).
+files reached through a symlink leading out of the root (403). Standard methods other
+than GET and HEAD get 405, unknown ones 501 (the connection stays open); a file that cannot
+be opened for want of fds gets 503. Pipelined requests wait, reading paused, while more
+than ``max_buffered_output`` bytes of responses are on their way.
 
 ``--hello`` answers every request with the 78-byte reply of the benchmark peer
 (``Hello, World!``), to measure the engine and the parser alone.
@@ -81,12 +86,20 @@ class Limits:
 
 # ----------------------------------------------------------------------- the protocol
 
-_REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently",
+_REASONS = {100: "Continue", 200: "OK", 206: "Partial Content", 301: "Moved Permanently",
             304: "Not Modified", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
             414: "URI Too Long", 416: "Range Not Satisfiable",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+            412: "Precondition Failed", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+            505: "HTTP Version Not Supported"}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Methods this server knows but does not allow (405); any other is not implemented (501).
+KNOWN_METHODS = frozenset((b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE",
+                           b"CONNECT"))
+# A Host value: reg-name / IPv4 / IP-literal, with an optional port (RFC 3986 section 3.2.2).
+_HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                        b"-._~%!$&'()*+,;=:[]")
 
 _date_lock = threading.Lock()
 _date_cache = (0, b"")
@@ -108,6 +121,7 @@ def http_date(t: Optional[float] = None) -> bytes:
 
 _types: dict = {}
 _last_modified: dict = {}
+mimetypes.init()         # now, not at the first request (it reads files: fds may be short then)
 
 
 def content_type(path: bytes) -> bytes:
@@ -235,6 +249,8 @@ class HTTPSession:
         self._nheaders = 0
         self._header_bytes = 0
         self._head_seen = 0                  # bytes fed while in HEAD (the parser buffers)
+        self._began = False                  # a message began during the current feed
+        self._hosts = 0
         self._body = 0
         self._reject = 0
 
@@ -242,6 +258,7 @@ class HTTPSession:
     def feed(self, data: bytes) -> None:
         if self.done:
             return
+        self._began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -255,11 +272,17 @@ class HTTPSession:
                 self._fail_after_last(400)
         else:
             if self.state == HEAD:
-                self._head_seen += len(data)
-                # the parser holds a header being received whole: bound it (an over-long
-                # target was refused by on_url already)
-                if self._head_seen > self.limits.max_request_line + self.limits.max_header_bytes:
-                    self._fail_after_last(431)
+                # The parser holds a header being received whole: bound it (an over-long
+                # target was refused by on_url already). Only bytes fed after the head
+                # began count; where in ``data`` it began is unknown, so a head begun in
+                # this feed starts counting with the next one (at most one read more).
+                if self._began:
+                    self._head_seen = 0
+                else:
+                    self._head_seen += len(data)
+                    if (self._head_seen
+                            > self.limits.max_request_line + self.limits.max_header_bytes):
+                        self._fail_after_last(431)
 
     def _fail_after_last(self, status: Optional[int]) -> None:
         """Stop parsing: answer ``status`` (if any) after what is queued, then close."""
@@ -283,6 +306,8 @@ class HTTPSession:
         self._nheaders = 0
         self._header_bytes = 0
         self._head_seen = 0
+        self._began = True
+        self._hosts = 0
         self._body = 0
 
     def on_url(self, part: bytes) -> None:
@@ -299,16 +324,36 @@ class HTTPSession:
                 or self._header_bytes > self.limits.max_header_bytes):
             self._reject = 431
             raise _Reject(431)
+        if self.state == BODY:
+            return                           # a trailer field: counted, not used
         key = name.lower()
+        if key == b"host":
+            self._hosts += 1
         old = self._headers.get(key)
         self._headers[key] = value if old is None else old + b", " + value
 
     def on_headers_complete(self) -> None:
         self.state = BODY
-        length = self._headers.get(b"content-length")
+        h = self._headers
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            self._reject = 505
+            raise _Reject(505)
+        hosts = self._hosts
+        if (hosts > 1 or (hosts == 0 and version == "1.1")
+                or (hosts and not _HOST_CHARS.issuperset(h[b"host"]))):
+            self._reject = 400               # RFC 9112 section 3.2: exactly one valid Host
+            raise _Reject(400)
+        length = h.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             self._reject = 413
             raise _Reject(413)
+        expect = h.get(b"expect")
+        if (expect is not None and version == "1.1" and expect.lower() == b"100-continue"
+                and (b"transfer-encoding" in h or (length is not None and length != b"0"))):
+            # The client waits for this before it sends the body (which is read and
+            # ignored): an interim response, in its place among the answers.
+            self.pending.append(Response(100, CONTINUE))
 
     def on_body(self, part: bytes) -> None:
         self._body += len(part)              # read and ignored
@@ -444,7 +489,9 @@ class StaticSite:
 
     def respond(self, req: Request) -> Response:
         if req.method not in (b"GET", b"HEAD"):
-            return error_response(405, req, extra=((b"Allow", b"GET, HEAD"),))
+            if req.method in KNOWN_METHODS:
+                return error_response(405, req, extra=((b"Allow", b"GET, HEAD"),))
+            return error_response(501, req)
         try:
             url = httptools.parse_url(req.target)
         except httptools.HttpParserInvalidURLError:
@@ -453,9 +500,10 @@ class StaticSite:
         resolved = self._paths.get(raw)
         if resolved is None:
             resolved = self._resolve(raw)
-            if len(self._paths) > 4096:
-                self._paths.clear()
-            self._paths[raw] = resolved
+            if len(raw) <= 256:              # the cache holds only short paths
+                if len(self._paths) > 4096:
+                    self._paths.clear()
+                self._paths[raw] = resolved
         status, rel, ctype = resolved
         if status:
             return error_response(status, req)
@@ -466,7 +514,7 @@ class StaticSite:
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
-                return self._directory(req, fd, rel, url)
+                return self._directory(req, fd, rel, raw, url.query)
             if not stat.S_ISREG(st.st_mode):
                 return error_response(403, req)
             resp = self._file(req, fd, st, ctype)
@@ -509,20 +557,26 @@ class StaticSite:
     def _status_for(e: OSError) -> int:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EXDEV, errno.ELOOP):
             return 403                       # EXDEV/ELOOP: a way out of the root
+        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            return 503                       # the server is short of something, not the file
         if e.errno == errno.ENAMETOOLONG:
             return 414
         return 404                           # ENOENT, ENOTDIR...
 
-    def _directory(self, req: Request, fd: int, rel: bytes, url: Any) -> Response:
-        if not url.path.endswith(b"/"):
-            location = url.path + b"/" + (b"?" + url.query if url.query else b"")
+    def _directory(self, req: Request, fd: int, rel: bytes, raw: bytes,
+                   query: Optional[bytes]) -> Response:
+        if not raw.endswith(b"/"):
+            # Built from the checked path, never echoed: "//evil.example" as a Location
+            # would send the client to another host.
+            location = (b"/" + urllib.parse.quote_from_bytes(rel).encode("ascii") + b"/"
+                        + (b"?" + query if query else b""))
             return error_response(301, req, extra=((b"Location", location),))
         irel = self.index if rel == b"." else rel.rstrip(b"/") + b"/" + self.index
         try:
             ifd = self._open(irel)
         except FileNotFoundError:
             if self.listing:
-                return self._listing(req, fd, url)
+                return self._listing(req, fd, raw)
             return error_response(404, req)
         except OSError as e:
             return error_response(self._status_for(e), req)
@@ -538,16 +592,18 @@ class StaticSite:
             if ifd >= 0:
                 os.close(ifd)
 
-    def _listing(self, req: Request, fd: int, url: Any) -> Response:
-        title = html.escape(urllib.parse.unquote(url.path.decode("latin-1")))
+    def _listing(self, req: Request, fd: int, raw: bytes) -> Response:
+        title = html.escape(urllib.parse.unquote_to_bytes(raw).decode("utf-8", "replace"))
         rows = []
         for name in sorted(os.listdir(fd)):
             try:
                 is_dir = stat.S_ISDIR(os.stat(name, dir_fd=fd).st_mode)
             except OSError:
                 continue
-            shown = name + "/" if is_dir else name
-            rows.append(f'<li><a href="{urllib.parse.quote(shown)}">{html.escape(shown)}</a></li>')
+            b = os.fsencode(name) + (b"/" if is_dir else b"")    # names need not be UTF-8
+            href = urllib.parse.quote_from_bytes(b)
+            rows.append(f'<li><a href="{href}">{html.escape(b.decode("utf-8", "replace"))}'
+                        f'</a></li>')
         body = (f"<html><head><title>Index of {title}</title></head><body>"
                 f"<h1>Index of {title}</h1><ul>{''.join(rows)}</ul></body></html>\n").encode()
         head = build_head(200, [(b"Content-Type", b"text/html; charset=utf-8"),
@@ -561,7 +617,8 @@ class StaticSite:
         close = not req.keep_alive
         ka10 = req.version == "1.0"
         h = req.headers
-        if not (b"range" in h or b"if-none-match" in h or b"if-modified-since" in h):
+        if not (b"range" in h or b"if-none-match" in h or b"if-modified-since" in h
+                or b"if-match" in h or b"if-unmodified-since" in h):
             # The common case: a whole file. Its head is built once per file and second.
             key = (st.st_ino, st.st_dev, st.st_mtime_ns, size, ctype, close, ka10)
             now = http_date()
@@ -578,6 +635,8 @@ class StaticSite:
         etag = b'"%x-%x"' % (st.st_mtime_ns, size)
         last_modified = last_modified_date(mtime)
         validators = [(b"Last-Modified", last_modified), (b"ETag", etag)]
+        if self._precondition_failed(h, etag, mtime):
+            return error_response(412, req)
         if self._not_modified(h, etag, mtime):
             return Response(304, build_head(304, validators, close=close, keep_alive_10=ka10),
                             close=close, request=req)
@@ -617,16 +676,35 @@ class StaticSite:
             return b"*" in tags or etag in tags or b"W/" + etag in tags
         ims = h.get(b"if-modified-since")
         if ims is not None:
-            try:
-                t = email.utils.parsedate_to_datetime(ims.decode("latin-1")).timestamp()
-            except (TypeError, ValueError, IndexError):
-                return False
-            return mtime <= t
+            t = parse_http_date(ims)
+            return t is not None and mtime <= t
+        return False
+
+    @staticmethod
+    def _precondition_failed(h: dict, etag: bytes, mtime: int) -> bool:
+        """If-Match (strong comparison) or, without it, If-Unmodified-Since (RFC 9110
+        section 13.2.2); an invalid date is ignored."""
+        im = h.get(b"if-match")
+        if im is not None:
+            tags = [t.strip() for t in im.split(b",")]
+            return not (b"*" in tags or etag in tags)
+        ius = h.get(b"if-unmodified-since")
+        if ius is not None:
+            t = parse_http_date(ius)
+            return t is not None and mtime > t
         return False
 
     @staticmethod
     def _if_range_ok(if_range: Optional[bytes], etag: bytes, last_modified: bytes) -> bool:
         return if_range is None or if_range.strip() in (etag, last_modified)
+
+
+def parse_http_date(value: bytes) -> Optional[float]:
+    """The POSIX time of an HTTP date, or None if it is not a valid one."""
+    try:
+        return email.utils.parsedate_to_datetime(value.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None
 
 
 def parse_range(value: bytes, size: int) -> Any:
@@ -718,6 +796,8 @@ class HTTPHandler(proactor.Handler):
         self.lock = threading.Lock()
         self.eof = False
         self.waiting = False                 # paused until the output drains
+        self.queued = 0                      # bytes handed to the connection since then
+        self.held: deque = deque()           # data that came while waiting (workers)
         self.backlog = 0                     # queued output at the last sweep
         self.backlog_since = 0.0             # ... unchanged since then
 
@@ -730,27 +810,38 @@ class HTTPHandler(proactor.Handler):
 
     def data_received(self, conn: Any, data: bytes) -> None:
         with self.lock:
+            if self.waiting:
+                # With workers, events queued before the pause took effect still come:
+                # kept as they are (not parsed into requests) until the output drains.
+                self.held.append(data)
+                return
             self.session.feed(data)
             self._pump()
 
     def eof_received(self, conn: Any) -> None:
         with self.lock:
             self.eof = True                  # answer what was asked, then close
-            self.session.done = True
-            self._pump()
+            if not self.held:
+                self.session.done = True
+                self._pump()
 
     def connection_lost(self, conn: Any, exc: Optional[BaseException]) -> None:
         self.server.leave(self)
         with self.lock:
             self.session.close()
+            self.held.clear()
 
     def _pump(self) -> None:
         """Write the responses that are ready, while little output is queued; pause
         reading while the rest waits for the queue to drain."""
         session, conn = self.session, self.conn
+        if self.waiting:
+            return
         first = True
         while session.pending:
-            if not first and conn.get_write_buffer_size() > self.server.limits.max_buffered_output:
+            # ``queued``, not conn.get_write_buffer_size(): from a worker thread a send is
+            # posted to the engine and not in the connection's queue yet.
+            if not first and self.queued > self.server.limits.max_buffered_output:
                 if not self.waiting:
                     self.waiting = True
                     conn.pause_reading()
@@ -764,20 +855,32 @@ class HTTPHandler(proactor.Handler):
             if resp.close:
                 conn.close()
                 return
-        if self.eof and not conn.closed:
+        if self.eof and not self.held and not conn.closed:
             conn.close()
 
     def _drained(self) -> None:
         with self.lock:
             self.waiting = False
+            self.queued = 0
             if self.conn.closed:
                 return
-            self.conn.resume_reading()
             self._pump()
+            held, session = self.held, self.session
+            while held and not self.waiting:
+                session.feed(held.popleft())
+                self._pump()
+            if self.waiting or self.conn.closed:
+                return                       # paused again: a new when_drained is due
+            if self.eof:
+                session.done = True
+                self._pump()
+            else:
+                self.conn.resume_reading()
 
     def _write(self, resp: Response) -> None:
         conn = self.conn
         size = resp.body_size
+        self.queued += len(resp.head) + size
         try:
             if resp.file_fd >= 0:
                 conn.send(resp.head)
@@ -790,7 +893,7 @@ class HTTPHandler(proactor.Handler):
             self.session.close()             # the connection is going away
         finally:
             resp.discard()
-        if self.server.log_access:
+        if self.server.log_access and resp.status != 100:
             self._log(resp, size)
 
     def _log(self, resp: Response, size: int) -> None:
@@ -801,6 +904,8 @@ class HTTPHandler(proactor.Handler):
         req = resp.request
         line = (f"{req.method.decode()} {req.target.decode('latin-1')} HTTP/{req.version}"
                 if req is not None else "-")
+        # the target is the client's: control bytes and quotes escaped, one line per entry
+        line = line.encode("unicode_escape").decode("ascii").replace('"', '\\"')
         access_log.info('%s - - [%s] "%s" %d %d', peer,
                         time.strftime("%d/%b/%Y:%H:%M:%S %z"), line, resp.status, size)
 
@@ -832,19 +937,43 @@ class HTTPHandler(proactor.Handler):
 
 
 class HelloHandler(proactor.Handler):
-    """``--hello``: the 78-byte reply of the benchmark peer to every request."""
+    """``--hello``: the 78-byte reply of the benchmark peer to every request.
+
+    A client that pipelines without reading its replies does not grow the output without
+    bound: past ``MAX_QUEUED`` bytes of replies since the output last drained, reading
+    pauses (data that still comes, with workers, is kept unparsed) until it drains."""
 
     BODY = b"Hello, World!"
     RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
                 % (len(BODY), BODY))
     BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    MAX_QUEUED = 1 << 20
 
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
         self.parser = httptools.HttpRequestParser(self)
+        self.lock = threading.Lock()         # the drain callback runs on the engine's thread
         self.closing = False
+        self.queued = 0                      # reply bytes sent since the last drain
+        self.paused = False
+        self.held: deque = deque()
+        self.eof = False
 
     def data_received(self, conn: Any, data: bytes) -> None:
+        with self.lock:
+            if self.paused:
+                self.held.append(data)
+            else:
+                self._feed(data)
+
+    def eof_received(self, conn: Any) -> None:
+        with self.lock:
+            if self.paused:
+                self.eof = True              # after the held requests are answered
+            else:
+                conn.close()
+
+    def _feed(self, data: bytes) -> None:
         if self.closing:
             return
         try:
@@ -852,16 +981,63 @@ class HelloHandler(proactor.Handler):
         except httptools.HttpParserError:
             if not self.closing:
                 self.closing = True
-                conn.send(self.BAD)
-                conn.close()
+                self.conn.send(self.BAD)
+                self.conn.close()
+
+    def _drained(self) -> None:
+        with self.lock:
+            self.queued = 0
+            self.paused = False
+            held = self.held
+            while held and not self.paused:
+                self._feed(held.popleft())
+            if self.paused or self.closing:
+                return
+            if self.eof:
+                self.conn.close()
+            else:
+                self.conn.resume_reading()
 
     def on_message_complete(self) -> None:
         if self.closing:
             return
-        self.conn.send(self.RESPONSE)
+        conn = self.conn
+        conn.send(self.RESPONSE)
         if not self.parser.should_keep_alive():
             self.closing = True
-            self.conn.close()
+            conn.close()
+            return
+        if not self.paused:
+            self.queued += len(self.RESPONSE)
+            if self.queued > self.MAX_QUEUED:
+                self.paused = True
+                conn.pause_reading()
+                conn.when_drained(self._drained)
+
+
+def fd_budget(max_connections: int) -> int:
+    """``max_connections`` if the fd limit allows it, after raising the soft limit toward
+    the hard one; else the most it allows, with a warning. A connection can hold two fds
+    (its socket and the file of the response on its way) and the process needs some more."""
+    try:
+        import resource
+    except ImportError:                      # not on Windows
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * max_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+        if soft < want:
+            fit = max(1, (soft - 64) // 2)
+            print(f"warning: the fd limit ({soft}) allows --max-connections {fit}, not "
+                  f"{max_connections}; using {fit}", file=sys.stderr, flush=True)
+            return fit
+    return max_connections
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -889,7 +1065,7 @@ def main(argv: Optional[list] = None) -> None:
     if a.hello:
         server = engine.serve_tcp(HelloHandler, a.host, a.port, workers=a.workers)
     else:
-        limits = Limits(max_connections=a.max_connections,
+        limits = Limits(max_connections=fd_budget(a.max_connections),
                         keepalive_timeout=a.keepalive_timeout, header_timeout=a.header_timeout,
                         send_timeout=a.send_timeout)
         app = HTTPServer(engine, StaticSite(a.root, listing=a.listing), limits,

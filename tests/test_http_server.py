@@ -101,8 +101,8 @@ def test_parse_range(value, size, want):
 def test_pipelined_requests_answered_in_order(site):
     root, files = site
     s = session_for(root)
-    s.feed(b"GET /f1.bin HTTP/1.1\r\nHost: x\r\n\r\nHEAD /f100.bin HTTP/1.1\r\n\r\n"
-           b"GET /nope HTTP/1.1\r\n\r\nGET /f4096.bin HTTP/1.1\r\n\r\n")
+    s.feed(b"GET /f1.bin HTTP/1.1\r\nHost: x\r\n\r\nHEAD /f100.bin HTTP/1.1\r\nHost: t\r\n\r\n"
+           b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\nGET /f4096.bin HTTP/1.1\r\nHost: t\r\n\r\n")
     rs = responses(s)
     assert [r.status for r in rs] == [200, 200, 404, 200]
     assert rs[0].file_count == 1
@@ -111,14 +111,15 @@ def test_pipelined_requests_answered_in_order(site):
 
 
 @pytest.mark.parametrize("raw,status", [
-    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n", 431),
-    (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 20000 + b"\r\n\r\n", 431),
-    (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 30000, 431),          # never completed
-    (b"GET / HTTP/1.1\r\nContent-Length: 70000\r\n\r\n", 413),
-    (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"8000\r\n" + b"z" * 0x8000
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101))
+     + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 20000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 30000, 431),          # never completed
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 70000\r\n\r\n", 413),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n8000\r\n" + b"z" * 0x8000
      + b"\r\n8000\r\n" + b"z" * 0x8000 + b"\r\n10\r\n" + b"z" * 16, 413),
-    (b"GET / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"\x16\x03\x01 not http\r\n\r\n", 400),
 ])
 def test_limits_and_errors_close(site, raw, status):
@@ -129,14 +130,15 @@ def test_limits_and_errors_close(site, raw, status):
     rs = responses(s)
     assert rs[-1].status == status
     assert rs[-1].close and b"Connection: close\r\n" in rs[-1].head
-    s.feed(b"GET / HTTP/1.1\r\n\r\n")
+    s.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert responses(s) == [], "nothing is parsed after a closing error"
 
 
 def test_small_body_on_get_is_read_and_ignored(site):
     root, files = site
     s = session_for(root)
-    s.feed(b"GET /f1.bin HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /f100.bin HTTP/1.1\r\n\r\n")
+    s.feed(b"GET /f1.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+           b"GET /f100.bin HTTP/1.1\r\nHost: t\r\n\r\n")
     rs = responses(s)
     assert [(r.status, r.file_count) for r in rs] == [(200, 1), (200, 100)]
 
@@ -144,14 +146,14 @@ def test_small_body_on_get_is_read_and_ignored(site):
 def test_methods_and_versions(site):
     root, _ = site
     s = session_for(root)
-    r = status_of(s, b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+    r = status_of(s, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
     assert r.status == 405 and b"Allow: GET, HEAD\r\n" in r.head and not r.close
     r = status_of(s, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert r.status == 200 and b"Connection: keep-alive\r\n" in r.head and not r.close
     r = status_of(s, b"GET / HTTP/1.0\r\n\r\n")
     assert r.status == 200 and r.close
     s = session_for(root)
-    r = status_of(s, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    r = status_of(s, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert r.close and b"Connection: close\r\n" in r.head
 
 
@@ -172,7 +174,7 @@ def test_paths(site, target, status, openat2):
         s.site._openat2 = None
     elif s.site._openat2 is None:
         pytest.skip("openat2 is not available here")
-    r = status_of(s, b"GET %s HTTP/1.1\r\n\r\n" % target)
+    r = status_of(s, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
     assert r.status == status, r.head
     if status == 301:
         assert b"Location: /sub/\r\n" in r.head
@@ -187,46 +189,49 @@ def test_absolute_symlink_inside_root(site, openat2):
         s.site._openat2 = None
     elif s.site._openat2 is None:
         pytest.skip("openat2 is not available here")
-    r = status_of(s, b"GET /abs_link_inside.bin HTTP/1.1\r\n\r\n")
+    r = status_of(s, b"GET /abs_link_inside.bin HTTP/1.1\r\nHost: t\r\n\r\n")
     assert r.status == (403 if openat2 else 200)
 
 
 def test_listing_only_when_enabled(site):
     root, _ = site
     s = hs.HTTPSession(hs.StaticSite(str(root), listing=True), hs.Limits())
-    r = status_of(s, b"GET /empty/ HTTP/1.1\r\n\r\n")
+    r = status_of(s, b"GET /empty/ HTTP/1.1\r\nHost: t\r\n\r\n")
     assert r.status == 200 and b"Index of /empty/" in r.body
 
 
 def test_conditional_and_range(site):
     root, files = site
     s = session_for(root)
-    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\n\r\n")
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n\r\n")
     head = dict(line.split(b": ", 1) for line in r.head.split(b"\r\n")[1:] if b": " in line)
     etag, lm = head[b"ETag"], head[b"Last-Modified"]
-    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-None-Match: %s\r\n\r\n"
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nIf-None-Match: %s\r\n\r\n"
                      % etag).status == 304
-    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-None-Match: \"x\", %s\r\n\r\n"
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"x\", %s\r\n\r\n"
                      % etag).status == 304
-    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-None-Match: \"x\"\r\n\r\n").status == 200
-    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-Modified-Since: %s\r\n\r\n"
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n"
+                     b"If-None-Match: \"x\"\r\n\r\n").status == 200
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: %s\r\n\r\n"
                      % lm).status == 304
     old = email.utils.formatdate(0, usegmt=True).encode()
-    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-Modified-Since: %s\r\n\r\n"
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: %s\r\n\r\n"
                      % old).status == 200
     # If-None-Match wins over If-Modified-Since
-    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nIf-None-Match: \"x\"\r\n"
+    assert status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"x\"\r\n"
                      b"If-Modified-Since: %s\r\n\r\n" % lm).status == 200
-    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nRange: bytes=10-19\r\n\r\n")
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=10-19\r\n\r\n")
     assert (r.status, r.file_offset, r.file_count) == (206, 10, 10)
     assert b"Content-Range: bytes 10-19/4096\r\n" in r.head
-    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nRange: bytes=5000-\r\n\r\n")
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=5000-\r\n\r\n")
     assert r.status == 416 and b"Content-Range: bytes */4096\r\n" in r.head and not r.close
-    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nRange: bytes=0-0\r\nIf-Range: \"old\"\r\n\r\n")
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n"
+                     b"Range: bytes=0-0\r\nIf-Range: \"old\"\r\n\r\n")
     assert r.status == 200 and r.file_count == 4096
-    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nRange: bytes=0-0\r\nIf-Range: %s\r\n\r\n" % etag)
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n"
+                     b"Range: bytes=0-0\r\nIf-Range: %s\r\n\r\n" % etag)
     assert r.status == 206
-    r = status_of(s, b"HEAD /f4096.bin HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n")
+    r = status_of(s, b"HEAD /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=0-9\r\n\r\n")
     assert r.status == 206 and r.file_fd == -1 and b"Content-Length: 10\r\n" in r.head
 
 
@@ -236,13 +241,215 @@ def test_timeouts_logic(site):
     t0 = s.since
     assert s.timed_out(t0 + 4) is None
     assert s.timed_out(t0 + 6) == "header"        # connected, nothing sent: slowloris
-    s.feed(b"GET / HTTP/1.1\r\n\r\n")
+    s.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     responses(s)
     t1 = s.since
     assert s.timed_out(t1 + 19) is None
     assert s.timed_out(t1 + 21) == "idle"
     s.feed(b"GET / HTTP/1.1\r\nHost")              # a head begun
     assert s.timed_out(s.since + 6) == "header"
+
+
+def test_pipelined_heads_in_one_large_read_are_not_431(site):
+    """Only the bytes of the head being received count toward its bound, not the whole
+    read (64 KiB reads full of small pipelined requests are normal)."""
+    root, _ = site
+    s = session_for(root)
+    one = b"GET /f1.bin HTTP/1.1\r\nHost: t\r\n\r\n"
+    data = one * 2000 + b"GET /f1.bin HTTP/1.1\r\nHost: t\r\n"     # 68 KiB, last head open
+    s.feed(data)
+    s.feed(b"X-A: b\r\n")
+    s.feed(b"\r\n")
+    rs = responses(s)
+    assert [r.status for r in rs] == [200] * 2001
+    # the bound still holds for a head that keeps growing over several reads
+    s.feed(one * 10 + b"GET / HTTP/1.1\r\nX-Big: ")
+    for _ in range(8):
+        s.feed(b"v" * 4096)
+    rs = responses(s)
+    assert [r.status for r in rs] == [200] * 10 + [431] and rs[-1].close
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GET / HTTP/1.1\r\n\r\n", 400),                                   # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\xffb\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+])
+def test_host_and_version_checked(site, raw, status):
+    root, _ = site
+    s = session_for(root)
+    r = status_of(s, raw)
+    assert r.status == status and r.close, r.head
+
+
+@pytest.mark.parametrize("host", [b"example.test", b"127.0.0.1:8080", b"[::1]:80", b""])
+def test_valid_hosts_and_http10_without_host(site, host):
+    root, _ = site
+    s = session_for(root)
+    assert status_of(s, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host).status == 200
+    assert status_of(s, b"GET / HTTP/1.0\r\n\r\n").status == 200
+
+
+def test_unknown_method_is_501(site):
+    root, _ = site
+    s = session_for(root)
+    r = status_of(s, b"PROPFIND / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert r.status == 501 and not r.close
+    r = status_of(s, b"DELETE / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert r.status == 405
+
+
+def test_trailers_are_not_headers(site):
+    """A trailer field of a chunked body does not act as a request header."""
+    root, _ = site
+    s = session_for(root)
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n0\r\nRange: bytes=0-0\r\n\r\n")
+    assert r.status == 200 and r.file_count == 4096
+
+
+def test_expect_100_continue_interim(site):
+    root, _ = site
+    s = session_for(root)
+    s.feed(b"GET /f1.bin HTTP/1.1\r\nHost: t\r\n\r\n"
+           b"GET /f100.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+           b"Expect: 100-continue\r\n\r\n")
+    rs = responses(s)
+    assert [r.status for r in rs] == [200, 100]        # in order, before the body comes
+    assert rs[1].head == b"HTTP/1.1 100 Continue\r\n\r\n" and not rs[1].close
+    s.feed(b"body")
+    assert [(r.status, r.file_count) for r in responses(s)] == [(200, 100)]
+    # no interim answer without a body, nor for HTTP/1.0
+    s.feed(b"GET / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n"
+           b"GET / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\nx")
+    assert [r.status for r in responses(s)] == [200, 200]
+    # nor when the body is refused anyway (the HTTP/1.0 request ended that session)
+    s = session_for(root)
+    r = status_of(s, b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 999999\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+    assert r.status == 413
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "by-name"])
+@pytest.mark.parametrize("target,location", [
+    (b"//sub", b"/sub/"), (b"///sub?x=1", b"/sub/?x=1"), (b"/sub?a=%2F", b"/sub/?a=%2F"),
+    (b"/sp%20ace", b"/sp%20ace/"), (b"http://evil.example//sub", b"/sub/"),
+])
+def test_redirect_location_is_built_not_echoed(site, target, location, openat2):
+    """``GET //evil.example`` must not answer ``Location: //evil.example/`` (another host)."""
+    root, _ = site
+    (root / "sp ace").mkdir(exist_ok=True)
+    s = session_for(root)
+    if not openat2:
+        s.site._openat2 = None
+    elif s.site._openat2 is None:
+        pytest.skip("openat2 is not available here")
+    r = status_of(s, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+    assert r.status == 301 and b"\r\nLocation: %s\r\n" % location in r.head, r.head
+
+
+@pytest.mark.parametrize("target", [b"http://example.test", b"http://example.test?q"])
+def test_absolute_form_without_path_is_the_root(site, target):
+    root, files = site
+    s = session_for(root)
+    r = status_of(s, b"GET %s HTTP/1.1\r\nHost: example.test\r\n\r\n" % target)
+    assert r.status == 200 and r.file_count == len(files["/"])
+
+
+@pytest.mark.parametrize("date", [
+    b"Mon, 01 Jan 2020 00:00:00 +99999999999999999999",
+    b"Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
+    b"Mon, 99999999999999999999 Jan 2020 00:00:00 GMT",
+    b"Mon, 31 Feb 2020 00:00:00 GMT", b"yesterday", b"",
+])
+def test_invalid_dates_are_ignored(site, date):
+    root, _ = site
+    s = session_for(root)
+    for name in (b"If-Modified-Since", b"If-Unmodified-Since"):
+        r = status_of(s, b"GET /f100.bin HTTP/1.1\r\nHost: t\r\n%s: %s\r\n\r\n" % (name, date))
+        assert r.status == 200 and not r.close, (name, r.head)
+
+
+def test_preconditions_412(site):
+    root, _ = site
+    s = session_for(root)
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+    etag = r.head.split(b"ETag: ", 1)[1].split(b"\r\n", 1)[0]
+    old = email.utils.formatdate(0, usegmt=True).encode()
+    future = email.utils.formatdate(time.time() + 86400, usegmt=True).encode()
+
+    def status(extra):
+        return status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n%s\r\n" % extra).status
+    assert status(b"If-Match: \"other\"\r\n") == 412
+    assert status(b"If-Match: \"other\", %s\r\n" % etag) == 200
+    assert status(b"If-Match: W/%s\r\n" % etag) == 412        # a weak tag never matches
+    assert status(b"If-Match: *\r\n") == 200
+    assert status(b"If-Unmodified-Since: %s\r\n" % old) == 412
+    assert status(b"If-Unmodified-Since: %s\r\n" % future) == 200
+    # If-Match wins over If-Unmodified-Since
+    assert status(b"If-Match: %s\r\nIf-Unmodified-Since: %s\r\n" % (etag, old)) == 200
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n"
+                     b"If-Match: \"x\"\r\nRange: bytes=0-1\r\n\r\n")
+    assert r.status == 412 and not r.close
+
+
+def test_only_short_paths_are_cached(site):
+    root, _ = site
+    s = session_for(root)
+    long = b"/nope" + b"/xx" * 1300
+    assert status_of(s, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % long).status == 404
+    assert status_of(s, b"GET /f1.bin HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+    assert b"/f1.bin" in s.site._paths and long not in s.site._paths
+
+
+def test_listing_names_that_are_not_utf8(site):
+    root, _ = site
+    d = root / "odd"
+    d.mkdir(exist_ok=True)
+    name = b"\xff\xfe<b>.txt"
+    with open(os.path.join(os.fsencode(d), name), "wb") as f:
+        f.write(b"odd\n")
+    s = hs.HTTPSession(hs.StaticSite(str(root), listing=True), hs.Limits())
+    r = status_of(s, b"GET /odd/ HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert r.status == 200 and b'href="%FF%FE%3Cb%3E.txt"' in r.body, r.body
+    assert b"&lt;b&gt;" in r.body and b"<b>" not in r.body
+    r = status_of(s, b"GET /odd/%FF%FE%3Cb%3E.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert r.status == 200 and r.file_count == 4
+
+
+def test_out_of_fds_is_503_not_404(site):
+    """EMFILE while opening a file is the server's trouble: 503, and the next request,
+    once fds are free, is served. (A child process: it lowers its own fd limit.)"""
+    root, _ = site
+    code = f"""
+import os, resource, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_http_server import session_for, responses
+s = session_for({str(root)!r})
+held = []
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+s.feed(b"GET /f100.bin HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n")
+first = [r.status for r in responses(s)]
+for fd in held:
+    os.close(fd)
+s.feed(b"GET /f100.bin HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n")
+print(first, [r.status for r in responses(s)])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=str(Path(__file__).parent))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[503] [200]", r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------ over sockets
@@ -368,9 +575,9 @@ def read_response(s):
 
 
 @pytest.mark.parametrize("raw,status", [
-    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 40000 + b"\r\n\r\n", 431),
-    (b"GET / HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n", 413),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 40000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n", 413),
     (b"NOT-HTTP\r\n\r\n", 400),
 ])
 def test_limits_over_socket(serve, raw, status):
@@ -386,7 +593,7 @@ def test_slow_header_gets_408_and_close(serve):
     _, port = serve(header_timeout=0.3)
     with connect(("127.0.0.1", port)) as s:
         t0 = time.monotonic()
-        s.sendall(b"GET / HTTP/1.1\r\nHo")
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nHo")
         for _ in range(3):                # dribbling bytes does not extend the deadline
             time.sleep(0.05)
             s.sendall(b"s")
@@ -399,7 +606,7 @@ def test_idle_keepalive_closed(serve, site):
     _, files = site
     app, port = serve(keepalive_timeout=0.3)
     with connect(("127.0.0.1", port)) as s:
-        s.sendall(b"GET /f1.bin HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /f1.bin HTTP/1.1\r\nHost: t\r\n\r\n")
         data = read_response(s)           # the response, then EOF once idle too long
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(files["/f1.bin"])
     wait_until(lambda: not app.handlers)
@@ -410,7 +617,7 @@ def test_client_that_never_reads_is_aborted(serve, site):
     (root / "big2.bin").write_bytes(b"\0" * (32 << 20))
     app, port = serve(send_timeout=0.3, sweep=0.1)
     with connect(("127.0.0.1", port), rcvbuf=4096) as s:
-        s.sendall(b"GET /big2.bin HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /big2.bin HTTP/1.1\r\nHost: t\r\n\r\n")
         wait_until(lambda: app.handlers)
         wait_until(lambda: not app.handlers, timeout=10)   # aborted, not left hanging
         got = recv_until_eof(s)
@@ -424,7 +631,7 @@ def test_too_many_connections(serve):
         with connect(("127.0.0.1", port)) as c:
             assert read_response(c).startswith(b"HTTP/1.1 503 ")
         for s in (a, b):                  # the first two are still served
-            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             assert s.recv(100).startswith(b"HTTP/1.1 200 ")
 
 
@@ -437,7 +644,7 @@ def test_ten_thousand_short_connections(serve, engine, site):
     def client(n):
         for _ in range(n):
             with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-                s.sendall(b"GET /f100.bin HTTP/1.1\r\nConnection: close\r\n\r\n")
+                s.sendall(b"GET /f100.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
                 data = recv_until_eof(s)
                 assert data.endswith(want) and data.startswith(b"HTTP/1.1 200 ")
 
@@ -463,7 +670,7 @@ def test_large_file_to_slow_reader_is_bounded(serve, engine, site):
     app, port = serve()
     with connect(("127.0.0.1", port), rcvbuf=8192) as s:
         rss0 = rss()
-        s.sendall(b"GET /big.bin HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
         wait_until(lambda: engine.stats().bytes_out > 0)
         time.sleep(0.2)
         assert engine.stats().send_queued > 16 << 20          # queued as a file,
@@ -476,13 +683,102 @@ def test_large_file_to_slow_reader_is_bounded(serve, engine, site):
         assert data[head_end + 4:] == body
 
 
+def read_h11_responses(s, client, n):
+    """``n`` responses from socket ``s`` through the h11 ``client``: [(status, body)]."""
+    out = []
+    for _ in range(n):
+        client.send(h11.Request(method="GET", target="/", headers=[("Host", "t")]))
+        client.send(h11.EndOfMessage())
+        status, body = None, bytearray()
+        while True:
+            ev = client.next_event()
+            if ev is h11.NEED_DATA:
+                client.receive_data(s.recv(1 << 20))
+            elif isinstance(ev, h11.Response):
+                status = ev.status_code
+            elif isinstance(ev, h11.Data):
+                body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+        out.append((status, bytes(body)))
+        client.start_next_cycle()
+    return out
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_pipelined_output_is_bounded(serve, engine, site, workers):
+    """30 pipelined 1 MiB responses to a client that does not read: no more than about
+    max_buffered_output is queued at once, with workers too (their sends are posted to
+    the engine and not in the connection's queue yet when the next response is due)."""
+    _, files = site
+    app, port = serve(workers, max_buffered_output=256 * 1024)
+    n = 30
+    with connect(("127.0.0.1", port), rcvbuf=8192) as s:
+        s.sendall(b"GET /f1048576.bin HTTP/1.1\r\nHost: t\r\n\r\n" * n)
+        s.shutdown(socket.SHUT_WR)              # all answered all the same, then EOF
+        wait_until(lambda: engine.stats().bytes_out > 0)
+        time.sleep(0.3)
+        queued = engine.stats().send_queued
+        assert 0 < queued <= 2 << 20, queued
+        got = read_h11_responses(s, h11.Connection(h11.CLIENT), n)
+        assert s.recv(100) == b""
+    assert got == [(200, files["/f1048576.bin"])] * n
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_hello_flood_without_reading_is_bounded(engine, workers):
+    """--hello: a client pipelining requests without reading its answers makes the
+    server stop reading, not queue replies without end."""
+    srv = engine.serve_tcp(hs.HelloHandler, "127.0.0.1", 0, workers=workers)
+    port = srv.port
+    n = 150_000                               # 4 MB of requests, 11.7 MB of replies
+    req = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
+    with connect(("127.0.0.1", port), rcvbuf=8192) as s:
+        def send_all():
+            s.sendall(req * n)
+            s.shutdown(socket.SHUT_WR)          # the EOF comes after requests still held
+
+        sender = concurrent.futures.ThreadPoolExecutor(1)
+        sent = sender.submit(send_all)
+        wait_until(lambda: engine.stats().bytes_out > 0)
+        time.sleep(0.5)
+        queued = engine.stats().send_queued   # (the kernel's socket buffers hold more)
+        assert queued <= 2 << 20, queued
+        want = len(hs.HelloHandler.RESPONSE) * n
+        got = 0
+        while True:                              # every reply, then the server's EOF
+            b = s.recv(1 << 20)
+            if not b:
+                break
+            got += len(b)
+        sent.result(timeout=30)
+        sender.shutdown()
+    assert got == want
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_expect_100_continue_over_socket(serve, site, workers):
+    _, files = site
+    _, port = serve(workers)
+    with connect(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /f100.bin HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        got = b""
+        while len(got) < len(hs.CONTINUE):
+            got += s.recv(100)
+        assert got == hs.CONTINUE           # and nothing else until the body is sent
+        s.sendall(b"hello")
+        got = read_h11_responses(s, h11.Connection(h11.CLIENT), 1)
+    assert got == [(200, files["/f100.bin"])]
+
+
 class ServerProcess:
     """The example run as a program: ``python examples/http_server.py ARGS 0``."""
 
-    def __init__(self, backend, *args):
+    def __init__(self, backend, *args, **popen):
         self.proc = subprocess.Popen(
             [sys.executable, str(EXAMPLES / "http_server.py"), "--backend", backend, *args, "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
         line = self.proc.stdout.readline().decode()
         assert line.startswith("listening on 127.0.0.1:"), (line, self.stop())
         self.port = int(line.rsplit(":", 1)[1])
@@ -523,6 +819,35 @@ def test_demo_site_program_with_access_log(backend):
         r = c.getresponse()
         assert r.status == 206 and r.read() == b"Hello"
         c.close()
+        with connect(("127.0.0.1", server.port)) as s:    # a quote cannot forge a field
+            s.sendall(b'GET /x"y" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n')
+            assert recv_until_eof(s).startswith(b"HTTP/1.1 404 ")
     finally:
         err = server.stop()
     assert '"GET / HTTP/1.1" 200 ' in err and '"GET /hello.txt HTTP/1.1" 206 5' in err, err
+    assert '"GET /x\\"y\\" HTTP/1.1" 404 ' in err, err
+
+
+def test_max_connections_fit_the_fd_limit(backend):
+    """With a low fd limit the program lowers --max-connections (and says so) rather than
+    fail with EMFILE; the connections beyond it get a 503."""
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    server = ServerProcess(backend, "--max-connections", "10000", preexec_fn=low_limit)
+    try:
+        socks = [connect(("127.0.0.1", server.port)) for _ in range(68)]   # (200 - 64) // 2
+        try:
+            for s in socks[:3]:
+                s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+            with connect(("127.0.0.1", server.port)) as extra:
+                assert recv_until_eof(extra).startswith(b"HTTP/1.1 503 ")
+        finally:
+            for s in socks:
+                s.close()
+    finally:
+        err = server.stop()
+    assert "allows --max-connections 68, not 10000" in err, err
