@@ -8,9 +8,9 @@ and HEAD: keep-alive and pipelining (answers in request order), ``Last-Modified`
 ``If-Modified-Since``, ``ETag`` / ``If-None-Match``, ``If-Match`` /
 ``If-Unmodified-Since`` (412), single byte ranges (206/416) with ``If-Range``,
 ``Expect: 100-continue``, MIME types from :mod:`mimetypes`, ``index.html`` for a
-directory and no listing unless ``--listing``. File bodies go out with ``conn.sendfile``: the engine reads
-them a window at a time and they never pass through Python objects, so a large file is
-streamed with bounded memory.
+directory and no listing unless ``--listing``. File bodies go out with
+``conn.sendfile``: the engine reads them a window at a time and they never pass through
+Python objects, so a large file is streamed with bounded memory.
 
 The module has two halves. The protocol (``HTTPSession``, ``StaticSite``, ``Limits``) does
 no I/O on sockets: bytes in, ``Response`` objects out, testable without a network. The
