@@ -937,11 +937,12 @@ class HTTPHandler(proactor.Handler):
 
 
 class HelloHandler(proactor.Handler):
-    """``--hello``: the 78-byte reply of the benchmark peer to every request.
+    """``--hello``: the 78-byte reply of the benchmark peer to every request, handled on
+    the engine's thread (with workers, use :class:`ThreadedHelloHandler`).
 
     A client that pipelines without reading its replies does not grow the output without
-    bound: past ``MAX_QUEUED`` bytes of replies since the output last drained, reading
-    pauses (data that still comes, with workers, is kept unparsed) until it drains."""
+    bound: past ``MAX_QUEUED`` bytes of queued replies, reading pauses (data that still
+    comes is kept unparsed) until the output drains."""
 
     BODY = b"Hello, World!"
     RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
@@ -952,67 +953,98 @@ class HelloHandler(proactor.Handler):
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
         self.parser = httptools.HttpRequestParser(self)
-        self.lock = threading.Lock()         # the drain callback runs on the engine's thread
         self.closing = False
-        self.queued = 0                      # reply bytes sent since the last drain
         self.paused = False
         self.held: deque = deque()
         self.eof = False
+        self.fed = 0                         # request bytes since the output was looked at
 
     def data_received(self, conn: Any, data: bytes) -> None:
-        with self.lock:
-            if self.paused:
-                self.held.append(data)
-            else:
-                self._feed(data)
-
-    def eof_received(self, conn: Any) -> None:
-        with self.lock:
-            if self.paused:
-                self.eof = True              # after the held requests are answered
-            else:
-                conn.close()
-
-    def _feed(self, data: bytes) -> None:
+        if self.paused:
+            self.held.append(data)
+            return
         if self.closing:
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            if not self.closing:
-                self.closing = True
-                self.conn.send(self.BAD)
-                self.conn.close()
+            self._bad()
+            return
+        # Look at the output every 64 KiB of requests (at most ~300 KB of replies).
+        self.fed += len(data)
+        if self.fed > 65536:
+            self.fed = 0
+            if self._backlog() > self.MAX_QUEUED and not self.closing:
+                self.paused = True
+                conn.pause_reading()
+                conn.when_drained(self._drained)
+
+    def _backlog(self) -> int:
+        """Reply bytes queued (on the engine's thread the connection knows exactly)."""
+        return self.conn.get_write_buffer_size()
+
+    def eof_received(self, conn: Any) -> None:
+        if self.paused:
+            self.eof = True                  # after the held requests are answered
+        else:
+            conn.close()
+
+    def _bad(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.conn.send(self.BAD)
+            self.conn.close()
 
     def _drained(self) -> None:
-        with self.lock:
-            self.queued = 0
-            self.paused = False
-            held = self.held
-            while held and not self.paused:
-                self._feed(held.popleft())
-            if self.paused or self.closing:
-                return
-            if self.eof:
-                self.conn.close()
-            else:
-                self.conn.resume_reading()
+        self.paused = False
+        held = self.held
+        while held and not self.paused:
+            self.data_received(self.conn, held.popleft())
+        if self.paused or self.closing:
+            return                           # paused again: a new drain callback is due
+        if self.eof:
+            self.conn.close()
+        else:
+            self.conn.resume_reading()
 
     def on_message_complete(self) -> None:
         if self.closing:
             return
-        conn = self.conn
-        conn.send(self.RESPONSE)
+        self.conn.send(self.RESPONSE)
         if not self.parser.should_keep_alive():
             self.closing = True
-            conn.close()
-            return
-        if not self.paused:
-            self.queued += len(self.RESPONSE)
-            if self.queued > self.MAX_QUEUED:
-                self.paused = True
-                conn.pause_reading()
-                conn.when_drained(self._drained)
+            self.conn.close()
+
+
+class ThreadedHelloHandler(HelloHandler):
+    """:class:`HelloHandler` on a worker pool: the drain callback runs on the engine's
+    thread (a lock keeps it apart from the worker), and a worker's sends are posted to the
+    engine, not queued yet, so the handler counts the reply bytes itself."""
+
+    def connection_made(self, conn: Any) -> None:
+        super().connection_made(conn)
+        self.lock = threading.RLock()
+        self.queued = 0                      # reply bytes sent since the output drained
+
+    def data_received(self, conn: Any, data: bytes) -> None:
+        with self.lock:
+            super().data_received(conn, data)
+
+    def _backlog(self) -> int:
+        return self.queued
+
+    def eof_received(self, conn: Any) -> None:
+        with self.lock:
+            super().eof_received(conn)
+
+    def _drained(self) -> None:
+        with self.lock:
+            self.queued = 0
+            super()._drained()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.queued += len(self.RESPONSE)
 
 
 def fd_budget(max_connections: int) -> int:
@@ -1063,7 +1095,8 @@ def main(argv: Optional[list] = None) -> None:
                         format="%(message)s")
     engine = proactor.Engine(backend=a.backend)
     if a.hello:
-        server = engine.serve_tcp(HelloHandler, a.host, a.port, workers=a.workers)
+        server = engine.serve_tcp(ThreadedHelloHandler if a.workers else HelloHandler,
+                                  a.host, a.port, workers=a.workers)
     else:
         limits = Limits(max_connections=fd_budget(a.max_connections),
                         keepalive_timeout=a.keepalive_timeout, header_timeout=a.header_timeout,

@@ -729,7 +729,8 @@ def test_pipelined_output_is_bounded(serve, engine, site, workers):
 def test_hello_flood_without_reading_is_bounded(engine, workers):
     """--hello: a client pipelining requests without reading its answers makes the
     server stop reading, not queue replies without end."""
-    srv = engine.serve_tcp(hs.HelloHandler, "127.0.0.1", 0, workers=workers)
+    handler = hs.ThreadedHelloHandler if workers else hs.HelloHandler
+    srv = engine.serve_tcp(handler, "127.0.0.1", 0, workers=workers)
     port = srv.port
     n = 150_000                               # 4 MB of requests, 11.7 MB of replies
     req = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
