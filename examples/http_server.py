@@ -100,6 +100,7 @@ KNOWN_METHODS = frozenset((b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"T
 # A Host value: reg-name / IPv4 / IP-literal, with an optional port (RFC 3986 section 3.2.2).
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                         b"-._~%!$&'()*+,;=:[]")
+_good_hosts: set = set()  # values seen valid (a few; a set lookup instead of a scan)
 
 _date_lock = threading.Lock()
 _date_cache = (0, b"")
@@ -251,6 +252,7 @@ class HTTPSession:
         self._head_seen = 0                  # bytes fed while in HEAD (the parser buffers)
         self._began = False                  # a message began during the current feed
         self._hosts = 0
+        self._version = "1.1"
         self._body = 0
         self._reject = 0
 
@@ -335,15 +337,21 @@ class HTTPSession:
     def on_headers_complete(self) -> None:
         self.state = BODY
         h = self._headers
-        version = self.parser.get_http_version()
+        self._version = version = self.parser.get_http_version()
         if version not in ("1.1", "1.0"):
             self._reject = 505
             raise _Reject(505)
         hosts = self._hosts
-        if (hosts > 1 or (hosts == 0 and version == "1.1")
-                or (hosts and not _HOST_CHARS.issuperset(h[b"host"]))):
-            self._reject = 400               # RFC 9112 section 3.2: exactly one valid Host
-            raise _Reject(400)
+        if hosts != 1:
+            if hosts or version == "1.1":
+                self._reject = 400           # RFC 9112 section 3.2: exactly one valid Host
+                raise _Reject(400)
+        elif h[b"host"] not in _good_hosts:
+            if not _HOST_CHARS.issuperset(h[b"host"]):
+                self._reject = 400
+                raise _Reject(400)
+            if len(_good_hosts) < 64:
+                _good_hosts.add(h[b"host"])
         length = h.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             self._reject = 413
@@ -363,7 +371,7 @@ class HTTPSession:
 
     def on_message_complete(self) -> None:
         p = self.parser
-        req = Request(p.get_method(), b"".join(self._url), p.get_http_version(),
+        req = Request(p.get_method(), b"".join(self._url), self._version,
                       self._headers, p.should_keep_alive())
         self.pending.append(req)
         self.state = IDLE
