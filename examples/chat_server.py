@@ -25,17 +25,25 @@ Bounds, so that no client can grow the server's memory or hold up the others:
 
 * A line longer than ``--max-line`` bytes gets an error and the connection is closed, as
   soon as that many bytes have come without a newline: input is buffered up to one line.
-* At most ``--max-output`` bytes may be queued for a connection (beyond what the kernel's
-  socket buffers hold). A member that reads so slowly that the next line for it would go
-  over is disconnected: a last line ``! disconnected: ...`` is queued, the room is told
-  and the server logs it. It has ``--hangup-timeout`` seconds to read what is queued,
-  then the connection is cut. Nobody waits for it: sending to a member only queues.
-* ``--rate`` lines a second per client, in bursts of up to twice that; lines beyond it
-  are dropped with an error. ``--max-clients`` connections at once; a nickname must be
-  chosen within ``--login-timeout`` seconds.
+* Output queued for a connection (beyond what the kernel's socket buffers hold) may go
+  over ``--max-output`` bytes for a moment: lines that arrive together from many members
+  are queued in one engine turn, before the engine hands them to the kernel. A member
+  whose queue is still over ``--max-output`` when the next line for it comes
+  ``slow_grace`` seconds (1) or more after it went over, or whose queue holds more than
+  four times ``--max-output`` queued before the last two engine turns, reads too slowly
+  and is disconnected: a last line ``! disconnected: ...`` is queued, the room is told
+  (members disconnected together, in one line) and the server logs it. It has
+  ``--hangup-timeout`` seconds to read what is queued, then the connection is cut.
+  Nobody waits for it: sending to a member only queues.
+* ``--rate`` lines a second per client (empty ones included), in bursts of up to twice
+  that; a line beyond it is dropped, the client is told once and the server stops
+  reading from it until the next line is allowed (its data waits in the kernel).
+  ``--max-clients`` connections at once; a nickname must be chosen within
+  ``--login-timeout`` seconds.
 
 So the chat's memory is bounded by about ``--max-clients`` x (``--max-line`` +
-``--max-output``), however the clients behave.
+4 x ``--max-output`` + what two engine turns queue for a member), however the clients
+behave.
 
 Design: :class:`Chat` is the whole chat (sessions, nicknames, rooms, line framing,
 commands, limits) and does no I/O: it writes to each client through the small
@@ -102,11 +110,12 @@ class Limits:
     """What one client may cost the server (see the module docstring)."""
 
     max_line: int = 1024            # bytes in a line, not counting "\n" or "\r\n"
-    max_output: int = 128 * 1024    # bytes queued for one connection
+    max_output: int = 128 * 1024    # bytes queued for one connection (see hard_output)
     max_clients: int = 1000         # connections at once
     rate: float = 10.0              # lines a second per client, 0: no limit
     login_timeout: float = 30.0     # seconds to choose a nickname
     hangup_timeout: float = 5.0     # seconds to read the last lines before the cut
+    slow_grace: float = 1.0         # seconds a queue may stay over max_output
 
     def __post_init__(self) -> None:
         if self.max_line < 64:
@@ -118,8 +127,13 @@ class Limits:
             raise ValueError("max_clients must be at least 1")
         if self.rate < 0:
             raise ValueError("rate must not be negative")
-        if self.login_timeout <= 0 or self.hangup_timeout <= 0:
+        if self.login_timeout <= 0 or self.hangup_timeout <= 0 or self.slow_grace <= 0:
             raise ValueError("timeouts must be positive")
+
+    @property
+    def hard_output(self) -> int:
+        """Bytes queued for one connection beyond which it is disconnected at once."""
+        return 4 * self.max_output
 
     @property
     def burst(self) -> float:
@@ -140,11 +154,16 @@ class Peer(Protocol):
         """Close once what is queued has been sent (or give up soon: see ``hangup_timeout``).
         The chat writes nothing more after it."""
 
+    def pause(self, seconds: float) -> None:
+        """Read nothing more from the client for ``seconds`` (the data waits in the
+        kernel); a pause already running is not extended."""
+
 
 class Session:
     """One client, from its connection to its disconnection."""
 
-    __slots__ = ("peer", "nick", "room", "open", "_buf", "_tokens", "_stamp")
+    __slots__ = ("peer", "nick", "room", "open", "_buf", "_tokens", "_stamp", "_warned",
+                 "_over_since", "_w_turn", "_w_cur", "_w_prev")
 
     def __init__(self, peer: Peer, now: float, burst: float) -> None:
         self.peer = peer
@@ -154,6 +173,11 @@ class Session:
         self._buf = bytearray()         # the start of a line whose newline has not come
         self._tokens = burst            # the rate limit's token bucket
         self._stamp = now
+        self._warned = False            # told to slow down since its last line went through
+        self._over_since: Optional[float] = None   # when its queue went over max_output
+        self._w_turn = -2               # the engine turn of the last line queued for it,
+        self._w_cur = 0                 # the bytes queued for it in that turn
+        self._w_prev = 0                # and in the turn before
 
     @property
     def buffered(self) -> int:
@@ -180,6 +204,8 @@ class Chat:
         self.sessions: set[Session] = set()             # connected, until lost()
         self.names: dict[str, Session] = {}             # nick.lower() -> session
         self.rooms: dict[str, dict[Session, None]] = {}  # room -> members, in join order
+        self.turn = 0                                   # see next_turn()
+        self.turn_pending = False                       # next_turn() is scheduled
 
     # ------------------------------------------------------------------ events
     def connect(self, peer: Peer) -> Session:
@@ -233,12 +259,12 @@ class Chat:
             self._line(s, rest)          # at most max_line bytes: receive() checked
         self._hangup(s, b"")
 
-    def lost(self, s: Session) -> None:
-        """The connection is gone (whoever closed it)."""
+    def lost(self, s: Session, failed: bool = False) -> None:
+        """The connection is gone (whoever closed it); ``failed``: by an error, a reset."""
         self.sessions.discard(s)
         if s.open:
             s.open = False
-            self._forget(s, None)
+            self._forget(s, "connection lost" if failed else None)
 
     def login_expired(self, s: Session) -> None:
         """``login_timeout`` has passed since :meth:`connect`: no nickname, no stay."""
@@ -248,11 +274,9 @@ class Chat:
 
     # ------------------------------------------------------------------ lines
     def _line(self, s: Session, raw: bytes) -> None:
-        if not raw.strip():
-            return
         if not self._take_token(s):
-            self._reply(s, b"! slow down: at most %g lines a second; line dropped\n"
-                        % self.limits.rate)
+            return
+        if not raw.strip():
             return
         try:
             text = raw.decode("utf-8")
@@ -271,6 +295,8 @@ class Chat:
             self._say(s, text[1:] if text.startswith("//") else text)
 
     def _take_token(self, s: Session) -> bool:
+        """Every line, empty ones too, costs a token. Without one the line is dropped, the
+        client told once, and reading from it paused until the next token."""
         rate = self.limits.rate
         if not rate:
             return True
@@ -279,8 +305,15 @@ class Chat:
         s._stamp = now
         if tokens < 1:
             s._tokens = tokens
+            if not s._warned:
+                s._warned = True
+                self._reply(s, b"! slow down: at most %g lines a second; line dropped\n"
+                            % rate)
+            if s.open:
+                s.peer.pause((1 - tokens) / rate)
             return False
         s._tokens = tokens - 1
+        s._warned = False
         return True
 
     def _command(self, s: Session, cmd: str, arg: str) -> None:
@@ -347,53 +380,104 @@ class Chat:
         s.room = room
         self._broadcast(room, f"* {s.nick} joined {room}\n")
 
-    def _leave(self, s: Session, notice: str) -> None:
-        """Take ``s`` out of its room and tell the members left there."""
+    def _leave(self, s: Session, notice: Optional[str]) -> None:
+        """Take ``s`` out of its room and tell the members left there ``notice`` (if any)."""
         room = s.room
         if room is None:
             return
         s.room = None
         members = self.rooms[room]
         del members[s]
-        if members:
-            self._broadcast(room, notice)
-        else:
+        if not members:
             del self.rooms[room]
+        elif notice is not None:
+            self._broadcast(room, notice)
 
     # ------------------------------------------------------------------ output
+    def next_turn(self) -> None:
+        """The engine has had a turn to send what was queued (the I/O glue calls this
+        once per engine turn in which lines were queued)."""
+        self.turn_pending = False
+        self.turn += 1
+
+    def _fits(self, s: Session, n: int) -> bool:
+        """May ``n`` more bytes be queued for ``s``? Not if it reads too slowly: what was
+        queued for it before the last two engine turns (those bytes had the time to reach
+        the kernel) is over ``hard_output``, or over ``max_output`` ``slow_grace`` after
+        its queue went over."""
+        limits = self.limits
+        backlog = s.peer.backlog()
+        if backlog + n <= limits.max_output:
+            s._over_since = None
+            return True
+        turn = self.turn
+        if s._w_turn == turn:
+            recent = s._w_cur + s._w_prev
+        elif s._w_turn == turn - 1:
+            recent = s._w_cur
+        else:
+            recent = 0
+        old = backlog - recent
+        if old > limits.hard_output:
+            return False
+        now = self._clock()
+        if s._over_since is None:
+            s._over_since = now
+            return True
+        return now - s._over_since < limits.slow_grace or old <= limits.max_output
+
+    def _write(self, s: Session, data: bytes) -> None:
+        """Queue ``data`` for ``s``, counting it in this engine turn."""
+        turn = self.turn
+        if s._w_turn == turn:
+            s._w_cur += len(data)
+        else:
+            s._w_prev = s._w_cur if s._w_turn == turn - 1 else 0
+            s._w_cur = len(data)
+            s._w_turn = turn
+        s.peer.write(data)
+
     def _broadcast(self, room: str, line: str) -> None:
-        """Queue ``line`` to every member of ``room``; disconnect those it would put over
-        ``max_output`` (after the loop: they are told, and the room is told about them,
-        after this line)."""
-        members = self.rooms.get(room)
-        if not members:
-            return
-        data = line.encode()
-        room_left = self.limits.max_output - len(data)
-        slow = []
-        for m in tuple(members):
-            peer = m.peer
-            if peer.backlog() > room_left:
-                slow.append(m)
-            else:
-                peer.write(data)
-        for m in slow:
-            self._too_slow(m)
+        """Queue ``line`` to every member of ``room``. Those too slow to take it are
+        disconnected after the loop and the room is told in one line after this one
+        (which may find more too slow: a loop, not a recursion)."""
+        while True:
+            members = self.rooms.get(room)
+            if not members:
+                return
+            data = line.encode()
+            slow = []
+            for m in tuple(members):
+                if self._fits(m, len(data)):
+                    self._write(m, data)
+                else:
+                    slow.append(m)
+            if not slow:
+                return
+            for m in slow:
+                self._log_slow(m)
+                self._hangup(m, TOO_SLOW, "too slow", tell_room=False)
+            names = [m.nick or "?" for m in slow]
+            verb = "was" if len(names) == 1 else "were"
+            line = f"* {_listing(names)} {verb} disconnected (too slow)\n"
 
     def _reply(self, s: Session, data: bytes) -> bool:
         """Queue ``data`` to ``s`` alone; False if ``s`` is (now) disconnected."""
         if not s.open:
             return False
-        if s.peer.backlog() + len(data) > self.limits.max_output:
+        if not self._fits(s, len(data)):
             self._too_slow(s)
             return False
-        s.peer.write(data)
+        self._write(s, data)
         return True
+
+    def _log_slow(self, s: Session) -> None:
+        log.warning("disconnecting %s (%s): %d bytes queued for it, limit %d",
+                    s.peer, s.nick, s.peer.backlog(), self.limits.max_output)
 
     def _too_slow(self, s: Session) -> None:
         if s.open:
-            log.warning("disconnecting %s (%s): %d bytes queued for it, limit %d",
-                        s.peer, s.nick, s.peer.backlog(), self.limits.max_output)
+            self._log_slow(s)
             self._hangup(s, TOO_SLOW, "too slow")
 
     def _line_too_long(self, s: Session) -> None:
@@ -402,9 +486,10 @@ class Chat:
         self._hangup(s, b"! line too long (the limit is %d bytes); goodbye\n"
                      % self.limits.max_line, "line too long")
 
-    def _hangup(self, s: Session, last: bytes, reason: Optional[str] = None) -> None:
-        """Close ``s`` after ``last`` (queued even over ``max_output``: it is short) and
-        take it out of the chat; ``reason`` None means it left of its own accord."""
+    def _hangup(self, s: Session, last: bytes, reason: Optional[str] = None, *,
+                tell_room: bool = True) -> None:
+        """Close ``s`` after ``last`` (queued even over the limits: it is short) and take
+        it out of the chat; ``reason`` None means it left of its own accord."""
         if not s.open:
             return
         s.open = False
@@ -412,14 +497,16 @@ class Chat:
         if last:
             s.peer.write(last)
         s.peer.close()
-        self._forget(s, reason)
+        self._forget(s, reason, tell_room)
 
-    def _forget(self, s: Session, reason: Optional[str]) -> None:
+    def _forget(self, s: Session, reason: Optional[str], tell_room: bool = True) -> None:
         """Free the nickname of ``s`` and take it out of its room, telling the room."""
         if s.nick is None:
             return
         del self.names[s.nick.lower()]
-        if reason is None:
+        if not tell_room:
+            self._leave(s, None)
+        elif reason is None:
             self._leave(s, f"* {s.nick} quit\n")
         else:
             self._leave(s, f"* {s.nick} was disconnected ({reason})\n")
@@ -443,6 +530,7 @@ class ChatConnection(proactor.Handler):
         self.session: Optional[Session] = None
         self.label = "?"
         self._timer: Any = None          # the login timeout, then the hang-up timeout
+        self._paused: Any = None         # the timer ending a rate-limit pause
 
     # -- proactor.Handler
     def connection_made(self, conn: Any) -> None:
@@ -469,8 +557,11 @@ class ChatConnection(proactor.Handler):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
         if self.session is not None:
-            self.chat.lost(self.session)
+            self.chat.lost(self.session, exc is not None)
 
     # -- Peer
     def write(self, data: bytes) -> None:
@@ -478,9 +569,23 @@ class ChatConnection(proactor.Handler):
             self.conn.send(data)
         except BrokenPipeError:
             pass                         # failed and closing: connection_lost follows
+        chat = self.chat
+        if not chat.turn_pending:        # what is queued in this turn goes out after it
+            chat.turn_pending = True
+            self.engine.call_soon(chat.next_turn)
 
     def backlog(self) -> int:
         return self.conn.get_write_buffer_size()
+
+    def pause(self, seconds: float) -> None:
+        if self._paused is None and not self.conn.closed:
+            self.conn.pause_reading()
+            self._paused = self.engine.call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self.conn.closed:
+            self.conn.resume_reading()
 
     def close(self) -> None:
         if self._timer is not None:
