@@ -16,11 +16,12 @@ handler may block. The pieces, from the client inwards:
 
 * :class:`RequestReader` (sans-IO) parses a client's bytes with httptools'
   ``HttpRequestParser`` into :class:`Request` objects: the head to send upstream (rebuilt
-  from the parsed parts: hop-by-hop headers removed, ``X-Forwarded-For`` optionally
-  added) and then the body as it arrives. ``Content-Length`` bodies are forwarded as the
-  bytes that came; chunked ones re-chunked as their data comes (the parser hands over the
-  data without the framing; the last chunk and any trailers go at the end). The parser
-  says where each message ends, so pipelined requests need no byte offsets.
+  from the parsed parts: hop-by-hop headers removed, an offered Upgrade with them,
+  ``X-Forwarded-For`` optionally added) and then the body as it arrives.
+  ``Content-Length`` bodies are forwarded as the bytes that came; chunked ones re-chunked
+  as their data comes (the parser hands over the data without the framing; the last
+  chunk and any trailers go at the end). The parser says where each message ends, so
+  pipelined requests need no byte offsets.
 * :class:`ClientConnection` (one per client) queues its requests and serves them one at
   a time, in order. While a request is outstanding and another one is queued behind it,
   it stops reading from the client. It keeps the timeouts of its side and sends the
@@ -44,12 +45,14 @@ handler may block. The pieces, from the client inwards:
   costs no timer of its own), statistics (:class:`ProxyStats`) and shutdown.
 
 Failures: a connect refused gives 502, a connect timeout 504; no complete response head
-within ``response_timeout`` of the request being sent gives 504; an upstream that closes,
-resets or sends an invalid response gives 502 if the client has not had the response head
-yet, else the client connection is aborted (it cannot tell a cut body from a whole one
-otherwise). A GET or HEAD that fails on a reused connection before any byte of the
-response arrived is retried once on a fresh connection (the upstream may have closed the
-idle connection just as the request went out); this is logged and counted (``retried``).
+within ``response_timeout`` of the request being sent gives 504, and so does an upstream
+that takes none of the request body for that long; an upstream that closes, resets or
+sends an invalid response (or a head or trailers over ``max_head``) gives 502 if the
+client has not had the response head yet, else the client connection is aborted (it
+cannot tell a cut body from a whole one otherwise). A GET or HEAD that fails on a reused
+connection before any byte of the response arrived is retried once on a fresh connection
+(the upstream may have closed the idle connection just as the request went out); this is
+logged and counted (``retried``).
 
 Flow control: above ``HIGH_WATER`` bytes queued towards the upstream the client is not
 read; above it towards the client the upstream is not read, until the queue has drained.
@@ -113,8 +116,9 @@ class ProxyConfig:
     max_idle: float = 30.0
     #: Seconds to connect (504 after), and to wait for a connection when at max_connections.
     connect_timeout: float = 5.0
-    #: Seconds from the request sent to the complete response head (504 after), and the
-    #: longest pause of the upstream while it sends the body (the client is aborted).
+    #: Seconds from the request sent to the complete response head (504 after), the
+    #: longest time the upstream may take none of the request body (504), and the longest
+    #: pause of the upstream while it sends the response body (the client is aborted).
     response_timeout: float = 30.0
     #: Seconds a client may stay idle between requests, pause while sending one, or not
     #: read what the proxy has to send it.
@@ -123,7 +127,9 @@ class ProxyConfig:
     forwarded_for: bool = False
     #: Path answered with the statistics as JSON (b"": none).
     stats_path: bytes = b"/_proxy/stats"
-    #: Longest request target (414 beyond) and request head (431 beyond), in bytes.
+    #: Longest request target (414 beyond) and request head (431 beyond), in bytes;
+    #: max_head also bounds the fields of chunked trailers (431) and the upstream's
+    #: response head and trailers (502).
     max_url: int = 8192
     max_head: int = 65536
 
@@ -142,14 +148,20 @@ class ProxyStats:
 
     Upstream connections: ``created`` opened; ``reused`` requests sent on a connection that
     had served one before; ``dropped`` idle pooled connections found dead (closed, reset
-    or talking while idle) and removed; ``expired`` idle ones closed after ``max_idle``;
-    ``discarded`` closed after a response instead of pooled (the upstream asked to close,
-    the pool was full, the client left); ``failed`` broken during an exchange (reset,
-    closed early, invalid response, timeout); ``connect_errors`` connects that failed or
-    timed out. Now: ``idle``, ``in_use``, ``connecting``, ``waiting`` (requests waiting for
-    a connection at ``max_connections``).
+    or talking while idle) and removed; ``expired`` idle ones the proxy closed (after
+    ``max_idle``, or the oldest to make room at ``max_connections`` for a retry's fresh
+    connection); ``discarded`` closed instead of pooled, not for a fault of the upstream:
+    after a response (the upstream asked to close, the pool was full, the response began
+    before the request was complete), or mid-exchange for the client's sake (it left,
+    stalled, sent an invalid request or did not finish its request in time);
+    ``failed`` broken during an exchange by the upstream (reset, closed early, invalid or
+    too large response, timeout); ``connect_errors`` connects that failed or timed out.
+    Now: ``idle``, ``in_use``, ``connecting``, ``waiting`` (requests waiting for a
+    connection at ``max_connections``).
 
-    Requests: ``requests`` received; ``retried`` retried on a fresh connection;
+    Requests: ``requests`` received for the upstream (not those for ``stats_path``, which
+    the proxy answers, nor those refused for their head, counted in ``client_errors``
+    only); ``retried`` retried on a fresh connection;
     ``bad_gateway`` (502), ``unavailable`` (503), ``gateway_timeout`` (504) and
     ``client_errors`` (requests refused: 400, 405, 408, 414, 431, 501) answered by the
     proxy itself; ``aborted`` client connections
@@ -217,6 +229,31 @@ def forwarded_headers(headers: list) -> list:
             listed.update(t.strip().lower() for t in value.split(b","))
     listed -= PROTECTED
     return [h for h in named if h[1] not in HOP_BY_HOP and h[1] not in listed]
+
+
+def combined(fields: list, low: bytes) -> Optional[bytes]:
+    """The values of every ``low`` field of ``fields`` (items ``(name, lowercased name,
+    value)``) as one comma-separated list, as RFC 9110 section 5.3 reads several field
+    lines of a list; None if there is none. Empty values add nothing."""
+    values = [v.strip() for _, n, v in fields if n == low]
+    if not values:
+        return None
+    return b", ".join(v for v in values if v)
+
+
+def merge_fields(fields: list, low: bytes, value: bytes) -> list:
+    """``fields`` with the ``low`` fields replaced by one line of ``value``, where the
+    first of them was (so a peer reading only the first or the last line reads all)."""
+    out = []
+    merged = False
+    for name, n, v in fields:
+        if n == low:
+            if merged:
+                continue
+            merged = True
+            v = value
+        out.append((name, n, v))
+    return out
 
 
 def is_chunked(transfer_encoding: bytes) -> bool:
@@ -296,7 +333,13 @@ class RequestReader:
     calls ``sink.on_request(req)`` (head complete), ``sink.on_request_body(req, data)``
     (``data`` already framed for upstream) and ``sink.on_request_end(req, tail)`` (``tail``:
     the last chunk of a chunked body, else ``b""``). ``feed`` raises
-    :class:`RequestError` for what cannot be forwarded; the reader is then finished."""
+    :class:`RequestError` for what cannot be forwarded; the reader is then finished.
+
+    What a client can make it hold is bounded by ``max_head``: the fields of a head, and
+    those of a chunked body's trailers, each up to ``max_head`` bytes (431 beyond); and
+    since httptools keeps the bytes of a field line until the line is complete, the bytes
+    fed without the parser getting anywhere (within a head, or within a chunked body's
+    framing and trailers) up to twice that."""
 
     def __init__(self, sink: Any, config: ProxyConfig, client_ip: Optional[bytes] = None,
                  upstream_close: bool = False) -> None:
@@ -310,29 +353,52 @@ class RequestReader:
         self.in_message = False    # between the first byte of a request and its end
         self.in_head = False
         self.error: Optional[RequestError] = None
-        self._fed = 0              # bytes fed while the current head is incomplete
+        self._fed = 0              # bytes fed since the parser last got somewhere
+        self._moved = False        # body data or a chunk's end came in this piece
         self._url = b""
         self._headers: list = []
         self._head_size = 0
+        self._trailer_size = 0
         self._req: Optional[Request] = None
         self._trailers: Optional[list] = None
 
     def feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            if self.error is not None:
+        # In pieces of at most max_head bytes: the bytes fed without the parser getting
+        # anywhere are then counted to within one piece, wherever the data was in a feed.
+        view = memoryview(data)
+        step = max(1, self.max_head)
+        for start in range(0, len(view), step):
+            self._feed(view[start:start + step])
+
+    def _feed(self, data: memoryview) -> None:
+        size = len(data)
+        self._moved = False
+        while data:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as e:
+                # A request that offered an upgrade ended at its head (see
+                # on_headers_complete). The offer was dropped, so what follows is still
+                # HTTP/1.1: httptools has resumed the parser; go on after the request.
+                data = data[e.args[0]:]
+                continue
+            except httptools.HttpParserCallbackError:
+                if self.error is not None:
+                    raise self.error from None
+                raise              # a sink callback failed: a bug, not the client's fault
+            except httptools.HttpParserError as e:
+                self.error = RequestError(400, f"invalid request: {e}")
                 raise self.error from None
-            raise                  # a sink callback failed: a bug, not the client's fault
-        except httptools.HttpParserError as e:
-            self.error = RequestError(400, f"invalid request: {e}")
-            raise self.error from None
-        if self.in_head:
-            # httptools keeps a header's bytes until the header is complete: bound them.
-            self._fed += len(data)
+            break
+        # httptools keeps a field line's bytes until the line is complete: bound what is
+        # fed while no body data comes, in a head or in a chunked body (its trailers
+        # last until the message ends). A piece in which data came is progress.
+        req = self._req
+        if self.in_head or (req is not None and req.chunked and not self._moved):
+            self._fed += size
             if self._fed > 2 * self.max_head:
-                self.error = RequestError(431, "request head too large")
-                raise self.error
+                raise self._fail(431, "request head too large" if self.in_head
+                                 else "request trailers too large")
 
     def _fail(self, status: int, detail: str) -> RequestError:
         self.error = RequestError(status, detail)
@@ -345,6 +411,7 @@ class RequestReader:
         self._url = b""
         self._headers = []
         self._head_size = 0
+        self._trailer_size = 0
         self._req = None
         self._trailers = None
 
@@ -355,6 +422,9 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._req is not None:          # after the head: a trailer of a chunked body
+            self._trailer_size += len(name) + len(value) + 4
+            if self._trailer_size > self.max_head:
+                raise self._fail(431, "request trailers too large")
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name, value))
@@ -367,23 +437,46 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         self.in_head = False
         p = self.parser
-        if p.should_upgrade():
-            raise self._fail(501, "Upgrade and CONNECT are not supported")
         method = p.get_method()
+        fields = forwarded_headers(self._headers)
+        if p.should_upgrade():
+            # CONNECT asks for a tunnel: not this proxy's business. Other methods merely
+            # offer to switch protocols (h2c, websocket), which a server may ignore (RFC
+            # 9110 section 7.8): Upgrade and the options Connection names are hop-by-hop,
+            # already gone from ``fields``, and the request goes on as plain HTTP/1.1,
+            # as does what follows it (the client waits for a 101 before switching).
+            # Not with a body though: httptools makes llhttp skip the body of any
+            # upgrade request and hands its bytes over as the other protocol, so where
+            # the body ends (and the next request begins) could not be told.
+            if method == b"CONNECT":
+                raise self._fail(501, "CONNECT is not supported")
+            if any(low == b"transfer-encoding"
+                   or (low == b"content-length" and v.strip(b" \t0"))   # not 0
+                   for _, low, v in fields):
+                raise self._fail(501, "an Upgrade offer with a request body is not supported")
         url = self._url
         http10 = p.get_http_version() == "1.0"
+        # Several Transfer-Encoding lines are one list (the parser reads them so); one
+        # line goes upstream, so that no upstream can read them otherwise.
+        te = combined(fields, b"transfer-encoding")
+        chunked = te is not None and is_chunked(te)  # the parser refuses other last codings
+        if te is not None:
+            fields = merge_fields(fields, b"transfer-encoding", te)
         xff = self.forwarded_for
-        chunked = False
+        if xff is not None:
+            # One line, the client's address last, whatever lines the client sent: with
+            # the address added to the first of two, the last entry of the last line,
+            # which upstreams take for the client's, would be the client's own word.
+            chain = combined(fields, b"x-forwarded-for")
+            if chain is not None:
+                fields = merge_fields(fields, b"x-forwarded-for",
+                                      chain + b", " + xff if chain else xff)
+                xff = None
         hosts = 0
         lines = [method + b" " + url + b" HTTP/1.1\r\n"]
-        for name, low, value in forwarded_headers(self._headers):
+        for name, low, value in fields:
             if low == b"host":
                 hosts += 1
-            elif low == b"transfer-encoding":
-                chunked = is_chunked(value)    # the parser refuses any other last coding
-            elif low == b"x-forwarded-for" and xff is not None:
-                value = value + b", " + xff
-                xff = None
             lines.append(name + b": " + value + b"\r\n")
         if hosts > 1 or (hosts == 0 and not http10):     # RFC 9112 section 3.2
             raise self._fail(400, "an HTTP/1.1 request needs exactly one Host header")
@@ -399,8 +492,14 @@ class RequestReader:
         self.sink.on_request(req)
 
     def on_body(self, data: bytes) -> None:
+        self._moved = True
+        self._fed = 0
         req = self._req
         self.sink.on_request_body(req, chunk(data) if req.chunked else data)
+
+    def on_chunk_complete(self) -> None:
+        self._moved = True
+        self._fed = 0
 
     def on_message_complete(self) -> None:
         self.in_message = False
@@ -409,7 +508,8 @@ class RequestReader:
 
 
 class ResponseError(Exception):
-    """The upstream's response cannot be forwarded (a 101 we never asked for)."""
+    """The upstream's response cannot be forwarded (a 101 we never asked for, a head or
+    trailers over ``max_head``)."""
 
 
 class _ExtraBytes(Exception):
@@ -421,14 +521,20 @@ class ResponseReader:
     into the bytes for the client. :meth:`feed` returns them; then ``done`` says whether
     the response is complete and ``reusable`` whether its connection may serve another
     request. :meth:`feed` raises ``httptools.HttpParserError`` (or :class:`ResponseError`)
-    for an invalid response."""
+    for an invalid response.
+
+    What an upstream can make it hold is bounded as for requests (see
+    :class:`RequestReader`): the fields of each head and of the trailers up to
+    ``max_head`` bytes, the bytes fed without the parser getting anywhere up to twice
+    that; beyond, :class:`ResponseError`."""
 
     __slots__ = ("parser", "out", "head_request", "client_http10", "client_close",
                  "started", "head_sent", "done", "reusable", "chunked", "until_close",
-                 "interim", "in_body", "status", "_reason", "_headers", "_trailers")
+                 "interim", "in_head", "in_body", "status", "max_head", "error", "_fed",
+                 "_moved", "_field_size", "_reason", "_headers", "_trailers")
 
     def __init__(self, head_request: bool = False, client_http10: bool = False,
-                 client_keep_alive: bool = True) -> None:
+                 client_keep_alive: bool = True, max_head: int = 65536) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.out: list = []
         self.head_request = head_request
@@ -441,22 +547,48 @@ class ResponseReader:
         self.chunked = False       # the body is re-chunked for the client
         self.until_close = False   # the body ends when the upstream closes
         self.interim = False       # parsing a 1xx response
-        self.in_body = False
+        self.in_head = False       # between the first byte of a head and its end
+        self.in_body = False       # after the final head
         self.status = 0
+        self.max_head = max_head
+        self.error: Optional[ResponseError] = None
+        self._fed = 0              # bytes fed since the parser last got somewhere
+        self._moved = False        # body data or a chunk's end came in this piece
+        self._field_size = 0       # of the current head's fields, or of the trailers
         self._reason = b""
         self._headers: list = []
         self._trailers: Optional[list] = None
 
     def feed(self, data: bytes) -> list:
         self.started = True
+        # In pieces, as in RequestReader.feed.
+        view = memoryview(data)
+        step = max(1, self.max_head)
+        for start in range(0, len(view), step):
+            self._feed(view[start:start + step])
+        out, self.out = self.out, []
+        return out
+
+    def _feed(self, data: memoryview) -> None:
+        self._moved = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
+            if self.error is not None:
+                raise self.error from None
             if not self.done:
                 raise
             self.reusable = False  # something after the response's end: not to be reused
-        out, self.out = self.out, []
-        return out
+        # As in RequestReader._feed: a piece with body data in it is progress.
+        if self.in_head or (self.in_body and not self.done and not self._moved):
+            self._fed += len(data)
+            if self._fed > 2 * self.max_head:
+                raise self._fail("response head too large" if self.in_head
+                                 else "response trailers too large")
+
+    def _fail(self, why: str) -> ResponseError:
+        self.error = ResponseError(why)
+        return self.error
 
     def eof(self) -> bool:
         """The upstream closed: True if that completes the response (a body delimited by
@@ -471,13 +603,22 @@ class ResponseReader:
     def on_message_begin(self) -> None:
         if self.done:
             raise _ExtraBytes
+        self.in_head = True
+        self._fed = 0
+        self._field_size = 0
         self._reason = b""
         self._headers = []
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        if len(self._reason) > self.max_head:
+            raise self._fail("response head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._field_size += len(name) + len(value) + 4
+        if self._field_size > self.max_head:
+            raise self._fail("response trailers too large" if self.in_body
+                             else "response head too large")
         if self.in_body:
             if self._trailers is None:
                 self._trailers = []
@@ -486,11 +627,12 @@ class ResponseReader:
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         p = self.parser
         status = self.status = p.get_status_code()
         if status < 200:
             if status == 101:
-                raise ResponseError("101 Switching Protocols without an Upgrade request")
+                raise self._fail("101 Switching Protocols without an Upgrade request")
             self.interim = True        # 100 Continue, 103 Early Hints: a final one follows
             if not self.client_http10:
                 self.out.append(self._head(status, None))
@@ -513,6 +655,7 @@ class ResponseReader:
         self.out.append(self._head(status, connection))
         self.head_sent = True
         self.in_body = True
+        self._fed = self._field_size = 0      # from here on: the trailers' budget
         if self.head_request:
             # No body follows a response to HEAD, whatever its Content-Length says; the
             # parser cannot be told, so the response ends here and the parser is dropped.
@@ -520,20 +663,26 @@ class ResponseReader:
             self.reusable = p.should_keep_alive()
 
     def _framing(self) -> Optional[bytes]:
-        """b"chunked", b"length", or None (the body ends when the upstream closes)."""
-        framing = None
-        for name, value in self._headers:
-            low = name.lower()
-            if low == b"transfer-encoding":
-                return b"chunked" if is_chunked(value) else None
-            if low == b"content-length":
-                framing = b"length"
-        return framing
+        """b"chunked", b"length", or None (the body ends when the upstream closes).
+
+        Several Transfer-Encoding lines are one list, whose last coding decides, as for
+        the parser (llhttp), which is what frames the body forwarded; :meth:`_head` sends
+        the client that list in one line, so it reads the same framing."""
+        te = combined([(n, n.lower(), v) for n, v in self._headers], b"transfer-encoding")
+        if te is not None:
+            return b"chunked" if is_chunked(te) else None
+        if any(n.lower() == b"content-length" for n, _ in self._headers):
+            return b"length"
+        return None
 
     def _head(self, status: int, connection: Optional[bytes]) -> bytes:
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, self._reason)]
+        fields = forwarded_headers(self._headers)
+        te = combined(fields, b"transfer-encoding")
+        if te is not None:
+            fields = merge_fields(fields, b"transfer-encoding", te)
         drop_te = self.client_http10
-        for name, low, value in forwarded_headers(self._headers):
+        for name, low, value in fields:
             if drop_te and low == b"transfer-encoding":
                 continue
             lines.append(name + b": " + value + b"\r\n")
@@ -543,10 +692,16 @@ class ResponseReader:
         return b"".join(lines)
 
     def on_body(self, data: bytes) -> None:
+        self._moved = True
+        self._fed = 0
         if self.done:                  # a body after a response to HEAD
             self.reusable = False
             return
         self.out.append(chunk(data) if self.chunked else data)
+
+    def on_chunk_complete(self) -> None:
+        self._moved = True
+        self._fed = 0
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -603,7 +758,7 @@ class UpstreamConnection(proactor.Handler):
         if client is not None:
             client.upstream_eof(self)
         else:
-            conn.close()           # idle (or being closed): connection_lost drops it
+            self.pool.idle_eof(self)
 
     def connection_lost(self, conn: Any, exc: Optional[BaseException]) -> None:
         client, self.client = self.client, None
@@ -652,6 +807,7 @@ class UpstreamPool:
         limit = self.config.max_connections
         if limit and self.open >= limit:
             if fresh and self.idle:        # make room: the oldest idle connection goes
+                self.counters.expired += 1
                 self._close(self.idle.popleft())
             client.waiting = True
             client.wait_fresh = fresh
@@ -757,9 +913,17 @@ class UpstreamPool:
         self._close(uc)
 
     def fail(self, uc: UpstreamConnection) -> None:
-        """A connection broke during an exchange: abort it."""
+        """A connection broke during an exchange, the upstream's fault: abort it."""
         uc.client = None
         self.counters.failed += 1
+        self._close(uc, abort=True)
+
+    def abandon(self, uc: UpstreamConnection) -> None:
+        """The client gave up the exchange (see ``ClientConnection._drop_exchange``): the
+        connection, mid-exchange, is aborted; counted as discarded, not failed."""
+        uc.client = None
+        if uc.state == ACTIVE:
+            self.counters.discarded += 1
         self._close(uc, abort=True)
 
     def _close(self, uc: UpstreamConnection, abort: bool = False) -> None:
@@ -769,6 +933,16 @@ class UpstreamPool:
         if abort:
             uc.conn.abort()
         else:
+            uc.conn.close()
+
+    def idle_eof(self, uc: UpstreamConnection) -> None:
+        """The upstream closed a connection no exchange is using. An idle one leaves the
+        pool at once: closing, it must not be handed out before ``connection_lost``."""
+        if uc.state == IDLE:
+            self.idle.remove(uc)
+            self.counters.dropped += 1
+            self._close(uc)
+        else:                          # connecting, or being closed: connection_lost ends it
             uc.conn.close()
 
     def unexpected(self, uc: UpstreamConnection) -> None:
@@ -920,10 +1094,11 @@ class ClientConnection(proactor.Handler):
     def on_request(self, req: Request) -> None:
         if self.closing:
             return
-        self.proxy.counters.requests += 1
         path = self.config.stats_path
         if path and (req.url == path or req.url.startswith(path + b"?")):
             req.local = self.proxy.stats_response
+        else:
+            self.proxy.counters.requests += 1
         self.queue.append(req)
         if len(self.queue) == 1:
             self._next()
@@ -1033,7 +1208,8 @@ class ClientConnection(proactor.Handler):
         self.sending = req
         self.reused = reused
         self.early = False
-        self.response = ResponseReader(req.method == b"HEAD", req.http10, req.keep_alive)
+        self.response = ResponseReader(req.method == b"HEAD", req.http10, req.keep_alive,
+                                       self.config.max_head)
         if self.retried:
             out = req.replay
         else:
@@ -1070,13 +1246,21 @@ class ClientConnection(proactor.Handler):
             if req.replay_size > REPLAY_LIMIT:
                 req.replay = None
         if not self.up_draining and uc.conn.get_write_buffer_size() > HIGH_WATER:
+            # The client is not read until the upstream has taken what is queued: a
+            # wait on the upstream, bounded by response_timeout (see check).
             self.up_draining = True
+            self.up_deadline = time.monotonic() + self.config.response_timeout
             uc.conn.when_drained(lambda: self._upstream_drained(uc))
             self._update_reading()
 
     def _upstream_drained(self, uc: UpstreamConnection) -> None:
         if uc is self.upstream and not self.closing:
             self.up_draining = False
+            now = time.monotonic()
+            self.last = now            # the client was not read meanwhile: its time anew
+            if self.sending.complete and not self.response.head_sent:
+                # the whole request has now been taken: the time to the head starts
+                self.up_deadline = now + self.config.response_timeout
             self._update_reading()
 
     def upstream_data(self, uc: UpstreamConnection, data: bytes) -> None:
@@ -1086,13 +1270,19 @@ class ClientConnection(proactor.Handler):
         except (httptools.HttpParserError, ResponseError) as e:
             self.upstream_broken(uc, f"invalid response: {e}")
             return
-        if not self.sending.complete and not self.early:
-            self.early = True          # answered before the whole request was sent
+        if resp.head_sent and not self.sending.complete:
+            # The final response began before the whole request was sent: the upstream
+            # may not read the rest. (Not after an interim 100 Continue: that one asks
+            # for the rest.)
+            self.early = True
         if out and not self._to_client(uc, out):
             return
         if resp.done:
             self._exchange_done()
-        else:
+        elif resp.head_sent:
+            # Within the body, response_timeout bounds each pause of the upstream; before
+            # the head is complete it bounds the whole head (a byte now and then does
+            # not keep the exchange going).
             self.up_deadline = time.monotonic() + self.config.response_timeout
 
     def _to_client(self, uc: UpstreamConnection, out: list) -> bool:
@@ -1175,12 +1365,25 @@ class ClientConnection(proactor.Handler):
             self._answer(status, why)
 
     def _drop_exchange(self) -> None:
-        """Give up queue[0]'s exchange (the client is gone, stalled or broke the request):
-        the upstream connection, mid-exchange, cannot be reused."""
+        """Give up queue[0]'s exchange for the client's sake (it is gone, stalled, broke or
+        did not finish its request; or the proxy stops): the upstream connection,
+        mid-exchange, cannot be reused. (The upstream's failures detach it first.)"""
         self.pool.cancel(self)
         if self.upstream is not None:
             uc, _, _ = self._detach()
-            self.pool.fail(uc)
+            self.pool.abandon(uc)
+
+    def _upstream_timeout(self, why: str) -> None:
+        """The upstream let response_timeout pass: 504 if the client has not had the
+        response head yet, else the client is aborted."""
+        uc, req, resp = self._detach()
+        self.pool.fail(uc)
+        if not resp.head_sent:
+            self._answer(504, why)
+        else:
+            logger.warning("%s %s: %s; aborting the client", req.method.decode(),
+                           req.url.decode("latin-1"), why)
+            self._abort()
 
     # -- time
     def check(self, now: float) -> None:
@@ -1197,6 +1400,15 @@ class ClientConnection(proactor.Handler):
                         return
                 self.close()
             return
+        if self.up_draining and not self.stalled:
+            # The upstream is not taking the request body (and the client, not read
+            # meanwhile, is waiting for it): the upstream's delay, not the client's. (If
+            # the client is not reading either, the upstream may just be blocked sending
+            # to it: the client's rule below applies.)
+            if now >= self.up_deadline:
+                self._upstream_timeout("the upstream took no request body for "
+                                       f"{cfg.response_timeout:g} s")
+            return
         if self.stalled or not self.sending.complete:
             if now - self.last < cfg.client_timeout:
                 return
@@ -1209,13 +1421,10 @@ class ClientConnection(proactor.Handler):
             return
         if now >= self.up_deadline:
             if not self.response.head_sent:
-                uc, _, _ = self._detach()
-                self.pool.fail(uc)
-                self._answer(504, f"no response head within {cfg.response_timeout:g} s")
+                self._upstream_timeout(f"no response head within {cfg.response_timeout:g} s")
             else:
-                logger.warning("upstream paused the response body for %g s; aborting",
-                               cfg.response_timeout)
-                self._abort()
+                self._upstream_timeout(f"upstream paused the response body for "
+                                       f"{cfg.response_timeout:g} s")
 
 
 # ---------------------------------------------------------------------------- the proxy
@@ -1245,6 +1454,12 @@ class Proxy:
         return ClientConnection(self)
 
     def serve(self, host: str, port: int, **kwargs: Any) -> Any:
+        """Listen on ``host:port``; ``kwargs`` go to ``engine.serve_tcp``. The handlers
+        and the pool share state without locks: they must run on the engine's thread, so
+        ``workers`` can only be 0."""
+        if kwargs.get("workers", 0) != 0:
+            raise ValueError("the proxy runs on the engine's thread only: workers must be "
+                             f"0, not {kwargs['workers']!r}")
         srv = self.engine.serve_tcp(self.handler, host, port, **kwargs)
         self.servers.append(srv)
         return srv
@@ -1348,7 +1563,9 @@ def main() -> None:
                    help="seconds to connect upstream, 504 after (default %(default)s)")
     p.add_argument("--response-timeout", metavar="S", type=float, default=d.response_timeout,
                    help="seconds from the request sent to the response head, 504 after; "
-                        "also the longest pause within a response body (default %(default)s)")
+                        "also the longest time the upstream may take none of the request "
+                        "body (504), and the longest pause within a response body "
+                        "(default %(default)s)")
     p.add_argument("--client-timeout", metavar="S", type=float, default=d.client_timeout,
                    help="seconds a client may idle between requests or stall "
                         "(default %(default)s)")

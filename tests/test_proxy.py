@@ -73,10 +73,13 @@ class Upstream:
     (cut short by :meth:`close`). After the steps the connection waits for the next one."""
 
     def __init__(self, respond: Callable[[Received], list],
-                 early: Optional[Callable[[h11.Request], Optional[list]]] = None) -> None:
+                 early: Optional[Callable[[h11.Request], Optional[list]]] = None,
+                 rcvbuf: Optional[int] = None) -> None:
         self.respond = respond
         self.early = early          # steps to run as soon as a request head is in
         self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        if rcvbuf is not None:      # inherited by the accepted connections
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
         self.requests: list[Received] = []
@@ -401,12 +404,19 @@ def test_request_reader_rebuilds_heads_and_frames_bodies():
     assert sink.events[8] == ("end", b"0\r\nX-T: 1\r\n\r\n")
 
 
+#: A chunked request up to its trailers.
+CHUNKED_POST = b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n"
+
+
 @pytest.mark.parametrize("raw, status", [
     (b"NOT HTTP\r\n\r\n", 400),
     (b"GET /" + b"a" * 200 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 600 + b"\r\n\r\n", 431),
     (b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 5000, 431),      # never ends: bounded anyway
-    (b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
+    (CHUNKED_POST + (b"X-T: " + b"t" * 100 + b"\r\n") * 8, 431),  # trailers over max_head
+    (CHUNKED_POST + b"X-T: " + b"t" * 5000, 431),           # a trailer that never ends
+    (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+     b"Content-Length: 2\r\n\r\nab", 501),                  # an Upgrade offer with a body
     (b"CONNECT example.test:443 HTTP/1.1\r\n\r\n", 501),
     (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
@@ -420,6 +430,92 @@ def test_request_reader_refuses(raw, status):
         for i in range(0, len(raw), 64):
             reader.feed(raw[i:i + 64])
     assert info.value.status == status
+
+
+def test_request_reader_merges_list_headers():
+    """Two X-Forwarded-For lines become one, the client's address last (appended to the
+    first, the last entry seen upstream would be the client's own word); several
+    Transfer-Encoding lines go upstream as one."""
+    sink = Sink()
+    config = proxy_mod.ProxyConfig("127.0.0.1", 1, forwarded_for=True)
+    reader = proxy_mod.RequestReader(sink, config, b"192.0.2.7")
+    reader.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\nX-A: a\r\n"
+                b"X-Forwarded-For: 6.6.6.6\r\n\r\n"
+                b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
+    get, post = (r for k, r in sink.events if k == "request")
+    assert get.head == (b"GET / HTTP/1.1\r\nHost: h\r\n"
+                        b"X-Forwarded-For: 10.0.0.1, 6.6.6.6, 192.0.2.7\r\nX-A: a\r\n\r\n")
+    assert post.chunked and post.head == (
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n"
+        b"X-Forwarded-For: 192.0.2.7\r\n\r\n")
+
+
+def test_request_reader_drops_upgrade_offers():
+    """A request offering an upgrade (curl --http2's h2c, a websocket handshake) goes on
+    as plain HTTP/1.1, without the offer; what follows it is parsed as HTTP/1.1."""
+    sink = Sink()
+    reader = proxy_mod.RequestReader(sink, proxy_mod.ProxyConfig("127.0.0.1", 1))
+    h2c = (b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+           b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nAccept: */*\r\n\r\n")
+    ws = (b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: a2V5\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n")
+    post = b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok"
+    reader.feed(h2c + post + ws + h2c[:30])
+    reader.feed(h2c[30:])
+    heads = [r.head for k, r in sink.events if k == "request"]
+    assert heads == [b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n",
+                     b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n",
+                     b"GET /ws HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Key: a2V5\r\n"
+                     b"Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n",
+                     b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n"]
+    assert [k for k, _ in sink.events] == ["request", "end", "request", "body", "end",
+                                           "request", "end", "request", "end"]
+    assert not reader.in_message
+
+
+def test_response_reader_limits():
+    """The upstream's head and trailers are bounded by max_head, as a client's: fields over
+    it, or a line that never ends."""
+    def feed(raw: bytes, **kw: Any) -> None:
+        r = proxy_mod.ResponseReader(max_head=500, **kw)
+        for i in range(0, len(raw), 64):
+            r.feed(raw[i:i + 64])
+
+    line = b"X-H: " + b"h" * 100 + b"\r\n"
+    feed(b"HTTP/1.1 200 OK\r\n" + line * 4 + b"Content-Length: 0\r\n\r\n")   # fits
+    feed(chunked(b"abc", trailers=(line[:-2],) * 4))
+    for raw, kw in [(b"HTTP/1.1 200 OK\r\n" + line * 5 + b"Content-Length: 0\r\n\r\n", {}),
+                    (b"HTTP/1.1 200 OK\r\nX-H: " + b"h" * 5000, {}),
+                    (b"HTTP/1.1 100 Continue\r\n" + line * 6 + b"\r\n", {}),
+                    (chunked(b"abc", trailers=(line[:-2],) * 5), {}),
+                    (chunked(b"abc")[:-2] + b"X-T: " + b"t" * 5000, {}),
+                    (chunked(b"abc")[:-2] + b"X-T: " + b"t" * 5000, {"client_http10": True})]:
+        with pytest.raises(proxy_mod.ResponseError, match="too large"):
+            feed(raw, **kw)
+
+
+@pytest.mark.parametrize("codings, out_te, chunked_out", [
+    ((b"chunked", b"gzip"), b"chunked, gzip", False),
+    ((b"gzip", b"chunked"), b"gzip, chunked", True),
+    ((b"chunked", b"identity"), b"chunked, identity", False),
+])
+def test_response_reader_several_transfer_encodings(codings, out_te, chunked_out):
+    """Several Transfer-Encoding lines are one list, framed by its last coding as llhttp
+    does; the client gets the list in one line, framing and headers agreeing."""
+    body = b"3\r\nabc\r\n0\r\n\r\n"
+    raw = (b"HTTP/1.1 200 OK\r\n" + b"".join(b"Transfer-Encoding: %s\r\n" % c for c in codings)
+           + b"X-A: a\r\n\r\n" + body)
+    r = proxy_mod.ResponseReader()
+    out = b"".join(r.feed(raw))
+    if chunked_out:                     # decoded by the parser, chunked again
+        assert out == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\nX-A: a\r\n\r\n" % out_te + (
+            b"3\r\nabc\r\n0\r\n\r\n")
+        assert r.done and r.reusable
+    else:                               # not chunked: the body lasts until the close
+        assert out == (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\nX-A: a\r\n"
+                       b"Connection: close\r\n\r\n" % out_te + body)
+        assert not r.done and r.eof() and not r.reusable
 
 
 def test_response_reader_framing():
@@ -694,7 +790,7 @@ def test_pipelined_requests_answered_in_order(engine, make_upstream, make_proxy)
                     r = c.response(method=m)
                     assert r.status == 200, (p, r)
                     if p == "/_proxy/stats":
-                        assert json.loads(r.body)["requests"] >= 4
+                        assert json.loads(r.body)["requests"] >= 3
                     elif m != b"HEAD":
                         assert r.body == m + b" " + p.encode() + b" " + b
     targets = [r.target.decode() for r in up.requests]
@@ -876,6 +972,64 @@ def test_reused_connection_failing_is_retried_for_get_only(engine, make_upstream
         (0, 0, b"/1"), (0, 1, b"/2"), (1, 0, b"/2"), (1, 1, b"/3"), (2, 0, b"/4")]
 
 
+def test_retry_making_room_counts_the_closed_idle_connection(engine, make_upstream,
+                                                             make_proxy):
+    """At max_connections, a retry's fresh connection needs room: the oldest idle one is
+    closed for it, and counted (as expired: closed idle by the proxy)."""
+    both = threading.Barrier(2, timeout=10)
+
+    def respond(req: Received) -> list:
+        if req.target in (b"/a", b"/b"):
+            both.wait()                     # two connections open at once, both pooled
+            return [0.1, ok(req.target)] if req.target == b"/b" else [ok(req.target)]
+        return [CLOSE] if req.index == 1 else [ok(req.target)]
+
+    up = make_upstream(respond)
+    h = make_proxy(up.port, max_connections=2)
+    with h.client() as a, h.client() as b:
+        a.send(get_req("/a"))
+        b.send(get_req("/b"))
+        assert a.response().body == b"/a" and b.response().body == b"/b"
+        h.wait_stats(idle=2)
+        assert a.get("/c").body == b"/c"    # closed on /b's connection, retried
+    st = h.wait_stats(clients=0, idle=1)
+    assert (st.created, st.retried, st.failed, st.expired) == (3, 1, 1, 1)
+
+
+def test_idle_connection_closed_by_upstream_leaves_pool_at_once(engine, make_upstream,
+                                                                make_proxy):
+    """The upstream's EOF on an idle connection takes it out of the pool at once: closing,
+    it must not be handed out before connection_lost. (The event is given to the handler
+    on the engine thread, so that nothing can come between.)"""
+    up = make_upstream()
+    h = make_proxy(up.port)
+    with h.client() as c:
+        assert c.get("/").status == 200
+        h.wait_stats(idle=1)
+
+        def eof_on_idle() -> tuple:
+            pool = h.proxy.pool
+            uc = pool.idle[-1]
+            uc.eof_received(uc.conn)
+            return len(pool.idle), h.proxy.stats().dropped
+
+        assert on_engine_thread(engine, eof_on_idle) == (0, 1)
+        assert c.get("/").status == 200
+    st = h.wait_stats(clients=0, idle=1)
+    assert (st.created, st.reused, st.dropped, st.failed) == (2, 0, 1, 0)
+
+
+def test_serve_refuses_workers(engine):
+    """The proxy's state has no locks: its handlers must run on the engine's thread."""
+    px = proxy_mod.Proxy(engine, proxy_mod.ProxyConfig("127.0.0.1", 1))
+    try:
+        with pytest.raises(ValueError, match="workers"):
+            px.serve("127.0.0.1", 0, workers=2)
+        assert px.servers == []
+    finally:
+        on_engine_thread(engine, px.close)
+
+
 def test_upstream_stall_gives_504(engine, make_upstream, make_proxy):
     up = make_upstream(lambda req: [30.0] if req.target == b"/stall" else [ok(b"fine")])
     h = make_proxy(up.port, response_timeout=0.4)
@@ -887,6 +1041,118 @@ def test_upstream_stall_gives_504(engine, make_upstream, make_proxy):
         assert c.get("/").body == b"fine"
     st = h.wait_stats(clients=0)
     assert (st.gateway_timeout, st.failed, st.created) == (1, 1, 2)
+
+
+def test_upstream_dribbling_head_gives_504(engine, make_upstream, make_proxy):
+    """An upstream sending its head a byte now and then gets no more time for it: 504
+    once response_timeout has passed since the request went out."""
+    head = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 30 + b"\r\nContent-Length: 2\r\n\r\n"
+    steps: list = []
+    for i in range(len(head)):
+        steps += [head[i:i + 1], 0.05]          # 3 s in all
+    up = make_upstream(lambda req: steps + [b"ok"] if req.target == b"/slow" else [ok(b"fine")])
+    h = make_proxy(up.port, response_timeout=0.5)
+    with h.client() as c:
+        t0 = time.monotonic()
+        r = c.get("/slow")
+        elapsed = time.monotonic() - t0
+        assert r.status == 504 and 0.45 < elapsed < 2, (r.status, elapsed)
+        assert c.get("/").body == b"fine"
+    st = h.wait_stats(clients=0)
+    assert (st.gateway_timeout, st.failed, st.created) == (1, 1, 2)
+
+
+@pytest.mark.parametrize("head", [
+    ok(b"ok", headers=(b"X-H: " + b"h" * 100,) * 30),
+    b"HTTP/1.1 200 OK\r\nX-H: " + b"h" * 5000,        # a line that never ends
+], ids=["fields", "endless"])
+def test_upstream_head_too_large_gives_502(engine, make_upstream, make_proxy, head):
+    """The upstream's response head is bounded by max_head, as a client's request head:
+    502, and that upstream connection is closed."""
+    up = make_upstream(lambda req: [head, 30.0] if req.target == b"/big" else [ok(b"fine")])
+    h = make_proxy(up.port, max_head=1000, response_timeout=5)
+    with h.client() as c:
+        r = c.get("/big")
+        assert r.status == 502 and b"too large" in r.body
+        assert c.get("/").body == b"fine"
+    st = h.wait_stats(clients=0)
+    assert (st.bad_gateway, st.failed, st.created) == (1, 1, 2)
+
+
+def test_upstream_not_reading_body_gives_504(engine, make_upstream, make_proxy):
+    """An upstream that takes none of the request body: the proxy stops reading the client
+    (so the client cannot send either), and answers 504 after response_timeout; not 408
+    after client_timeout, the client is not the one holding things up."""
+    up = make_upstream(early=lambda ev: [30.0] if ev.target == b"/upload" else None,
+                       rcvbuf=65536)
+    h = make_proxy(up.port, client_timeout=0.3, response_timeout=1.0)
+    stop = threading.Event()
+    c = h.client()
+
+    def send_body() -> None:
+        block = b"u" * (1 << 20)
+        try:
+            while not stop.is_set():
+                c.sock.sendall(block)
+        except OSError:
+            pass                        # the proxy closed the connection
+
+    try:
+        c.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
+        sender = threading.Thread(target=send_body)
+        sender.start()
+        try:
+            st = h.wait_stats(gateway_timeout=1)
+        finally:
+            stop.set()
+        assert st.client_errors == 0
+        try:                            # unread body in the proxy's socket may reset it
+            assert c.response().status == 504
+        except (ConnectionResetError, h11.RemoteProtocolError):
+            pass
+        sender.join(10)
+    finally:
+        c.close()
+    st = h.wait_stats(clients=0)
+    assert (st.gateway_timeout, st.client_errors, st.failed) == (1, 0, 1)
+
+
+def test_expect_100_continue_reuses_connection(engine, make_upstream, make_proxy):
+    """The upstream's 100 Continue reaches the client; the body follows, then the final
+    response: a complete exchange, whose upstream connection is pooled and reused."""
+    up = make_upstream(lambda req: [ok(req.body)], early=lambda ev: [
+        b"HTTP/1.1 100 Continue\r\n\r\n"] if (b"expect", b"100-continue") in ev.headers else None)
+    h = make_proxy(up.port)
+    with h.client() as c:
+        for i in range(3):
+            c.send(b"PUT /u HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                   b"Content-Length: 5\r\n\r\n")
+            assert c.recv_exactly(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            c.send(b"body%d" % i)
+            r = c.response()
+            assert r.status == 200 and r.body == b"body%d" % i
+    st = h.wait_stats(clients=0, idle=1)
+    assert (st.created, st.reused, st.discarded) == (1, 2, 0)
+
+
+def test_upgrade_offer_is_dropped(engine, make_upstream, make_proxy):
+    """An h2c offer (curl --http2) and a websocket handshake go upstream as plain requests
+    without the offer (the upstream answers them as such); the requests after them on
+    the connection are HTTP/1.1 as before."""
+    up = make_upstream()
+    h = make_proxy(up.port)
+    h2c = (b"GET /h2c HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+           b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+    ws = (b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    with h.client() as c:
+        c.send(h2c + get_req("/next") + ws)
+        assert [c.response().body for _ in range(3)] == [b"/h2c", b"/next", b"/ws"]
+        assert c.get("/last").body == b"/last"
+    h2c_got, _, ws_got, _ = up.requests
+    assert h2c_got.names == {b"host"}
+    assert ws_got.names == {b"host", b"sec-websocket-key", b"sec-websocket-version"}
+    assert h.wait_stats(clients=0).created == 1
 
 
 def test_upstream_refused_gives_502(engine, make_proxy):
@@ -975,7 +1241,9 @@ def test_idle_connections_expire(engine, make_upstream, make_proxy):
     (b"NOT HTTP\r\n\r\n", 400),
     (b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 2000 + b"\r\n\r\n", 431),
-    (b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
+    (CHUNKED_POST + (b"X-T: " + b"t" * 100 + b"\r\n") * 30, 431),
+    (CHUNKED_POST + b"X-T: " + b"t" * 5000, 431),
+    (b"CONNECT t:443 HTTP/1.1\r\nHost: t:443\r\n\r\n", 501),
 ])
 def test_client_errors(engine, make_upstream, make_proxy, raw, status):
     """A bad request is answered (after the good one before it) and the connection closed;
@@ -1002,11 +1270,13 @@ def test_stats_endpoint(engine, make_upstream, make_proxy):
         assert r.status == 200 and r.header(b"content-type") == b"application/json"
         st = json.loads(r.body)
         assert set(st) == {f.name for f in dataclasses.fields(proxy_mod.ProxyStats)}
-        assert (st["created"], st["reused"], st["idle"], st["requests"]) == (1, 1, 1, 3)
+        assert (st["created"], st["reused"], st["idle"], st["requests"]) == (1, 1, 1, 2)
         r = c.request(b"POST /_proxy/stats HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nxx")
         assert r.status == 405
         assert c.get("/_proxy/stats?x").status == 200
     assert [r.target for r in up.requests] == [b"/a", b"/b"]
+    st = h.stats()                      # the proxy's own answers are not upstream requests
+    assert (st.requests, st.client_errors) == (2, 1)
 
 
 def test_client_timeouts(engine, make_upstream, make_proxy):
@@ -1055,7 +1325,8 @@ def test_slow_reader_gets_everything(engine, make_upstream, make_proxy):
 
 def test_client_leaving_mid_response(engine, make_upstream, make_proxy):
     """The client disconnects while its request is outstanding or its response is being
-    sent: the upstream connection is closed (it is mid-exchange), nothing leaks."""
+    sent: the upstream connection is closed (it is mid-exchange), nothing leaks. It is
+    counted as discarded: not a failure of the upstream."""
     up = make_upstream(lambda req: [30.0] if req.target == b"/stall" else
                        [ok(b"y" * (8 << 20))])
     h = make_proxy(up.port)
@@ -1066,7 +1337,7 @@ def test_client_leaving_mid_response(engine, make_upstream, make_proxy):
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
     st = h.wait_stats(clients=0, in_use=0, idle=0)
-    assert st.failed == 2
+    assert (st.discarded, st.failed, st.aborted) == (2, 0, 0)
 
 
 def test_script(backend, make_upstream):
