@@ -680,7 +680,7 @@ class StaticSite:
     def _not_modified(h: dict, etag: bytes, mtime: int) -> bool:
         inm = h.get(b"if-none-match")
         if inm is not None:                  # it wins over If-Modified-Since (RFC 9110)
-            tags = [t.strip() for t in inm.split(b",")]
+            tags = entity_tags(inm)
             return b"*" in tags or etag in tags or b"W/" + etag in tags
         ims = h.get(b"if-modified-since")
         if ims is not None:
@@ -694,7 +694,7 @@ class StaticSite:
         section 13.2.2); an invalid date is ignored."""
         im = h.get(b"if-match")
         if im is not None:
-            tags = [t.strip() for t in im.split(b",")]
+            tags = entity_tags(im)
             return not (b"*" in tags or etag in tags)
         ius = h.get(b"if-unmodified-since")
         if ius is not None:
@@ -705,6 +705,11 @@ class StaticSite:
     @staticmethod
     def _if_range_ok(if_range: Optional[bytes], etag: bytes, last_modified: bytes) -> bool:
         return if_range is None or if_range.strip() in (etag, last_modified)
+
+
+def entity_tags(value: bytes) -> list:
+    """The entity tags of an If-Match or If-None-Match value (``*`` kept as is)."""
+    return [t.strip() for t in value.split(b",")]
 
 
 def parse_http_date(value: bytes) -> Optional[float]:

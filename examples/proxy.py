@@ -241,6 +241,15 @@ def combined(fields: list, low: bytes) -> Optional[bytes]:
     return b", ".join(v for v in values if v)
 
 
+def in_pieces(data: bytes, size: int) -> Any:
+    """``data`` as memoryviews of at most ``size`` bytes. The readers feed their parser
+    so: the bytes fed without the parser getting anywhere are then counted to within one
+    piece, wherever the data was in a read."""
+    view = memoryview(data)
+    step = max(1, size)
+    return (view[start:start + step] for start in range(0, len(view), step))
+
+
 def merge_fields(fields: list, low: bytes, value: bytes) -> list:
     """``fields`` with the ``low`` fields replaced by one line of ``value``, where the
     first of them was (so a peer reading only the first or the last line reads all)."""
@@ -363,12 +372,8 @@ class RequestReader:
         self._trailers: Optional[list] = None
 
     def feed(self, data: bytes) -> None:
-        # In pieces of at most max_head bytes: the bytes fed without the parser getting
-        # anywhere are then counted to within one piece, wherever the data was in a feed.
-        view = memoryview(data)
-        step = max(1, self.max_head)
-        for start in range(0, len(view), step):
-            self._feed(view[start:start + step])
+        for piece in in_pieces(data, self.max_head):
+            self._feed(piece)
 
     def _feed(self, data: memoryview) -> None:
         size = len(data)
@@ -561,11 +566,8 @@ class ResponseReader:
 
     def feed(self, data: bytes) -> list:
         self.started = True
-        # In pieces, as in RequestReader.feed.
-        view = memoryview(data)
-        step = max(1, self.max_head)
-        for start in range(0, len(view), step):
-            self._feed(view[start:start + step])
+        for piece in in_pieces(data, self.max_head):
+            self._feed(piece)
         out, self.out = self.out, []
         return out
 

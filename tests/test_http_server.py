@@ -70,6 +70,17 @@ def session_for(root, **limits):
     return hs.HTTPSession(hs.StaticSite(str(root)), hs.Limits(**limits))
 
 
+def session_opening(root, openat2):
+    """A session whose site opens files with openat2 (skipped where the kernel lacks it)
+    or, ``openat2`` false, by name with the check of the path opened."""
+    s = session_for(root)
+    if not openat2:
+        s.site._openat2 = None
+    elif s.site._openat2 is None:
+        pytest.skip("openat2 is not available here")
+    return s
+
+
 def responses(session):
     out = []
     while True:
@@ -169,11 +180,7 @@ def test_methods_and_versions(site):
 @pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "by-name"])
 def test_paths(site, target, status, openat2):
     root, _ = site
-    s = session_for(root)
-    if not openat2:
-        s.site._openat2 = None
-    elif s.site._openat2 is None:
-        pytest.skip("openat2 is not available here")
+    s = session_opening(root, openat2)
     r = status_of(s, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
     assert r.status == status, r.head
     if status == 301:
@@ -184,11 +191,7 @@ def test_paths(site, target, status, openat2):
 def test_absolute_symlink_inside_root(site, openat2):
     """openat2(RESOLVE_BENEATH) refuses absolute symlinks; by name they may point inside."""
     root, files = site
-    s = session_for(root)
-    if not openat2:
-        s.site._openat2 = None
-    elif s.site._openat2 is None:
-        pytest.skip("openat2 is not available here")
+    s = session_opening(root, openat2)
     r = status_of(s, b"GET /abs_link_inside.bin HTTP/1.1\r\nHost: t\r\n\r\n")
     assert r.status == (403 if openat2 else 200)
 
@@ -344,11 +347,7 @@ def test_redirect_location_is_built_not_echoed(site, target, location, openat2):
     """``GET //evil.example`` must not answer ``Location: //evil.example/`` (another host)."""
     root, _ = site
     (root / "sp ace").mkdir(exist_ok=True)
-    s = session_for(root)
-    if not openat2:
-        s.site._openat2 = None
-    elif s.site._openat2 is None:
-        pytest.skip("openat2 is not available here")
+    s = session_opening(root, openat2)
     r = status_of(s, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
     assert r.status == 301 and b"\r\nLocation: %s\r\n" % location in r.head, r.head
 
