@@ -661,13 +661,16 @@ BATCH = 8                   # messages sent, then read by every fast member, in 
 MAX_OUTPUT = 64 * 1024
 
 
-def push_until_kicked(engine: Any, sender: Client, fast: list[Client], slow_nick: str,
-                      extra_batches: int) -> tuple[list[str], int, int]:
+def push_until_kicked(engine: Any, chat: Any, sender: Client, fast: list[Client],
+                      slow_nick: str, extra_batches: int) -> tuple[list[str], int, int]:
     """The sender sends batches of messages; after each, every fast member (the sender
-    too) must receive the whole batch (promptly: the sockets time out in 10 s). Stops
-    ``extra_batches`` after the slow member has been disconnected. Returns the messages
-    sent, the index of the first one the slow member did not get (the notice that it was
-    disconnected follows that message), and the largest ``send_queued`` seen."""
+    too) must receive the whole batch (promptly: the sockets time out in 10 s), and the
+    engine must have ended the turn that queued it (``chat.next_turn`` ran: otherwise the
+    reader of the next batch may run first, on trio, and one turn queues two batches,
+    which the bounds below do not allow for). Stops ``extra_batches`` after the slow
+    member has been disconnected. Returns the messages sent, the index of the first one
+    the slow member did not get (the notice that it was disconnected follows that
+    message), and the largest ``send_queued`` seen."""
     kick_line = f"* {slow_nick} was disconnected (too slow)\n".encode()
     sent: list[str] = []
     missed: Optional[int] = None
@@ -685,6 +688,8 @@ def push_until_kicked(engine: Any, sender: Client, fast: list[Client], slow_nick
                     missed = len(sent) + k - 1
                     line = c.line()
                 assert line == f"[lobby] {sender.nick}: {m}\n".encode()
+        wait_until(lambda: on_engine_thread(engine, lambda: not chat.turn_pending),
+                   message="the end of the engine turn that queued the batch")
         sent += batch
         max_queued = max(max_queued, engine.stats().send_queued)
         if missed is not None:
@@ -704,7 +709,7 @@ def test_slow_reader_is_disconnected_others_unaffected(engine, serve, caplog):
     for i, c in enumerate(fast):
         for later in fast[i + 1:]:
             c.expect(f"* {later.nick} joined lobby\n")
-    sent, missed, max_queued = push_until_kicked(engine, fast[0], fast, "slow", 40)
+    sent, missed, max_queued = push_until_kicked(engine, srv.chat, fast[0], fast, "slow", 40)
     assert (len(sent) - missed) * MSG > 10 * MAX_OUTPUT   # the others went on and on
     assert max_queued <= 4 * MAX_OUTPUT + len(TOO_SLOW) + 6 * BATCH * (MSG + 32)
     # what the kernel does not hold for the slow reader: at most the hard limit, what
@@ -770,7 +775,7 @@ def test_slow_reader_that_never_reads_is_cut_off(engine, serve):
     slow = srv.client("slow", rcvbuf=4096)
     fast = [srv.client("fast0"), srv.client("fast1")]
     fast[0].expect("* fast1 joined lobby\n")
-    push_until_kicked(engine, fast[0], fast, "slow", 1)
+    push_until_kicked(engine, srv.chat, fast[0], fast, "slow", 1)
     wait_until(lambda: engine.stats().connections == 2, timeout=10,
                message="the slow reader's connection to be cut")
     wait_until(lambda: engine.stats().send_queued == 0, message="nothing queued any more")
