@@ -310,7 +310,12 @@ class WorkerPool:
                 conn = self._ready.popleft()
                 items = conn._wq
                 conn._wq = []
-            for kind, arg in items:
+            for i, (kind, arg) in enumerate(items):
+                if conn._user_paused or conn._wheld is not None:
+                    if kind == LOST:
+                        conn._wheld = None       # closed: what was held goes nowhere
+                    elif kind != MADE and self._hold(conn, items, i):
+                        break
                 run_handler_event(conn, kind, arg)
             with cond:
                 self.pending -= len(items)
@@ -324,6 +329,34 @@ class WorkerPool:
                     self.paused = False
             if resume:
                 self._engine._resume_reading_for(self)
+
+    def _hold(self, conn: Any, items: list, i: int) -> bool:
+        """``conn`` is paused: keep ``items[i:]`` (data and EOF that came before the pause
+        took effect) for :meth:`release`, unless it was resumed meanwhile. True if held."""
+        with self._cond:
+            if not conn._user_paused and conn._wheld is None:
+                return False
+            if items[-1][0] == LOST:     # closed: the data goes nowhere (the handler
+                conn._wheld = None       # gets none once closing), LOST is run
+                return False
+            if conn._wheld is None:
+                conn._wheld = deque()
+            conn._wheld.extend(items[i:])
+            return True
+
+    def release(self, conn: Any) -> None:
+        """End the user's pause of ``conn`` (any thread): what was held goes first in its
+        queue, before events that came later."""
+        with self._cond:
+            conn._user_paused = False
+            held, conn._wheld = conn._wheld, None
+            if held:
+                conn._wq[:0] = held
+                self.pending += len(held)
+                if not conn._wsched:
+                    conn._wsched = True
+                    self._ready.append(conn)
+                    self._cond.notify()
 
     def idle(self) -> bool:
         with self._cond:
@@ -399,7 +432,7 @@ class BaseConnection:
 
     __slots__ = ("_engine", "_fd", "_handler", "_data_received", "_wpool", "_wq", "_wsched",
                  "_closing", "_closed", "_fail_exc", "_user_paused", "_drain_cbs", "_bidx",
-                 "server", "__weakref__")
+                 "_wheld", "server", "__weakref__")
 
     def __init__(self, engine: Any, fd: int, server: Any, pool: Optional[WorkerPool]) -> None:
         self._engine = engine
@@ -409,6 +442,7 @@ class BaseConnection:
         self._wpool = pool
         self._wq: list = []              # the worker pool's queue of this connection
         self._wsched = False             # on the pool's ready queue
+        self._wheld: Optional[deque] = None   # the pool's events held while paused
         self._closing = False
         self._closed = False
         self._fail_exc: Optional[BaseException] = None
@@ -546,12 +580,19 @@ class BaseConnection:
 
     # -- reading
     def pause_reading(self) -> None:
-        """Stop receiving (the kernel keeps the data in the socket)."""
+        """Stop receiving (the kernel keeps the data in the socket). No ``data_received``
+        or ``eof_received`` comes until :meth:`resume_reading`: what the engine had
+        already received (or queued for the worker pool) is held and comes, in order,
+        after the resume."""
         self._user_paused = True
         self._engine._in_loop(self._set_reading, False)
 
     def resume_reading(self) -> None:
-        self._user_paused = False
+        """Undo :meth:`pause_reading` (from any thread)."""
+        if self._wpool is not None:
+            self._wpool.release(self)
+        else:
+            self._user_paused = False
         self._engine._in_loop(self._set_reading, True)
 
     def _set_reading(self, on: bool) -> None:

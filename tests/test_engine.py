@@ -8,6 +8,7 @@ import queue
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -413,9 +414,11 @@ def test_stats_from_other_threads_while_closing(backend):
     assert proc.stdout.strip() == "ok"
 
 
-def test_pause_reading_stops_data_at_once(engine):
-    """Inline handler: no data_received between pause_reading() and resume_reading(),
-    even for bytes the engine had already received; then everything, in order."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pause_reading_stops_data_at_once(engine, workers):
+    """No data_received (or eof_received) between pause_reading() and resume_reading(),
+    even for bytes the engine had already received or queued for the worker pool; then
+    everything, in order."""
     got = bytearray()
     during_pause = []
     state = {"paused": False, "pauses": 0}
@@ -440,10 +443,13 @@ def test_pause_reading_stops_data_at_once(engine):
                 done.set()
 
         def eof_received(self, conn):
-            assert not state["paused"]
+            if state["paused"]:
+                during_pause.append("eof")
             conn.close()
+            eof.set()
 
-    srv = engine.serve_tcp(H, "127.0.0.1", 0)
+    eof = threading.Event()
+    srv = engine.serve_tcp(H, "127.0.0.1", 0, workers=workers)
     payload = b"".join(b"%09d\n" % i for i in range(total // 10))
     with connect(("127.0.0.1", srv.port)) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -451,5 +457,63 @@ def test_pause_reading_stops_data_at_once(engine):
             s.sendall(payload[i:i + 1000])
         s.shutdown(socket.SHUT_WR)
         assert done.wait(20)
+        assert eof.wait(20)
     assert during_pause == []
     assert bytes(got) == payload
+
+
+@pytest.mark.parametrize("end", ["resume", "close", "reset"])
+def test_worker_events_queued_before_the_pause_are_held(engine, end):
+    """With workers, data the engine queued for the pool before pause_reading() took
+    effect is held, not delivered. ``resume``: resume_reading() from a thread of its own
+    delivers it, in order, then the rest and the EOF. ``close`` (the handler closes from
+    another thread): connection_lost exactly once, none of the held data. ``reset`` (by
+    the peer, seen once reading resumes): connection_lost once, with the error. Nothing
+    is left in the pool."""
+    started, go = threading.Event(), threading.Event()
+
+    class H(Recorder):
+        def data_received(self, conn, data):
+            if not self.received:
+                started.set()
+                assert go.wait(10)               # meanwhile more data is queued behind
+                conn.pause_reading()
+            self.received += data
+
+    hs: list = []
+    srv = engine.serve_tcp(factory_collecting(H, hs), "127.0.0.1", 0, workers=2)
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"a")
+        assert started.wait(10)
+        s.sendall(b"b" * 5000)
+        wait_until(lambda: engine.stats().queue_depth >= 2, message="data queued behind")
+        go.set()
+        h = hs[0]
+        wait_until(lambda: h.conn._wheld, message="the queued data held")   # the path is taken
+        time.sleep(0.05)
+        assert bytes(h.received) == b"a"
+        if end == "resume":
+            s.sendall(b"c" * 3000)
+            s.shutdown(socket.SHUT_WR)
+            threading.Thread(target=h.conn.resume_reading).start()
+            assert h.lost.wait(10)
+            assert bytes(h.received) == b"a" + b"b" * 5000 + b"c" * 3000
+            assert h.eof and h.lost_calls == [None]
+        elif end == "close":
+            threading.Thread(target=h.conn.close).start()
+            assert h.lost.wait(10)
+            time.sleep(0.05)
+            assert bytes(h.received) == b"a" and not h.eof
+            assert h.lost_calls == [None]
+        else:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            time.sleep(0.05)
+            h.conn.resume_reading()
+            assert h.lost.wait(10)
+            assert (b"a" + b"b" * 5000).startswith(bytes(h.received)) and not h.eof
+            assert len(h.lost_calls) == 1
+            assert isinstance(h.lost_calls[0], ConnectionResetError)
+        assert h.conn._wheld is None
+    wait_until(lambda: engine.stats().queue_depth == 0 and engine.stats().connections == 0,
+               message="nothing left in the pool")
