@@ -810,7 +810,6 @@ class HTTPHandler(proactor.Handler):
         self.eof = False
         self.waiting = False                 # paused until the output drains
         self.queued = 0                      # bytes handed to the connection since then
-        self.held: deque = deque()           # data that came while waiting (workers)
         self.backlog = 0                     # queued output at the last sweep
         self.backlog_since = 0.0             # ... unchanged since then
 
@@ -822,27 +821,22 @@ class HTTPHandler(proactor.Handler):
             conn.close()
 
     def data_received(self, conn: Any, data: bytes) -> None:
+        # Not while waiting: reading is paused then, and the engine holds what it had
+        # already received (or queued for the workers) until resume_reading().
         with self.lock:
-            if self.waiting:
-                # With workers, events queued before the pause took effect still come:
-                # kept as they are (not parsed into requests) until the output drains.
-                self.held.append(data)
-                return
             self.session.feed(data)
             self._pump()
 
     def eof_received(self, conn: Any) -> None:
         with self.lock:
             self.eof = True                  # answer what was asked, then close
-            if not self.held:
-                self.session.done = True
-                self._pump()
+            self.session.done = True
+            self._pump()
 
     def connection_lost(self, conn: Any, exc: Optional[BaseException]) -> None:
         self.server.leave(self)
         with self.lock:
             self.session.close()
-            self.held.clear()
 
     def _pump(self) -> None:
         """Write the responses that are ready, while little output is queued; pause
@@ -868,7 +862,7 @@ class HTTPHandler(proactor.Handler):
             if resp.close:
                 conn.close()
                 return
-        if self.eof and not self.held and not conn.closed:
+        if self.eof and not conn.closed:
             conn.close()
 
     def _drained(self) -> None:
@@ -878,16 +872,7 @@ class HTTPHandler(proactor.Handler):
             if self.conn.closed:
                 return
             self._pump()
-            held, session = self.held, self.session
-            while held and not self.waiting:
-                session.feed(held.popleft())
-                self._pump()
-            if self.waiting or self.conn.closed:
-                return                       # paused again: a new when_drained is due
-            if self.eof:
-                session.done = True
-                self._pump()
-            else:
+            if not self.waiting and not self.conn.closed:   # else a new when_drained is due
                 self.conn.resume_reading()
 
     def _write(self, resp: Response) -> None:
@@ -954,8 +939,8 @@ class HelloHandler(proactor.Handler):
     the engine's thread (with workers, use :class:`ThreadedHelloHandler`).
 
     A client that pipelines without reading its replies does not grow the output without
-    bound: past ``MAX_QUEUED`` bytes of queued replies, reading pauses (data that still
-    comes is kept unparsed) until the output drains."""
+    bound: past ``MAX_QUEUED`` bytes of queued replies, reading pauses until the output
+    drains."""
 
     BODY = b"Hello, World!"
     RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
@@ -968,14 +953,9 @@ class HelloHandler(proactor.Handler):
         self.parser = httptools.HttpRequestParser(self)
         self.closing = False
         self.paused = False
-        self.held: deque = deque()
-        self.eof = False
         self.fed = 0                         # request bytes since the output was looked at
 
     def data_received(self, conn: Any, data: bytes) -> None:
-        if self.paused:
-            self.held.append(data)
-            return
         if self.closing:
             return
         try:
@@ -997,10 +977,7 @@ class HelloHandler(proactor.Handler):
         return self.conn.get_write_buffer_size()
 
     def eof_received(self, conn: Any) -> None:
-        if self.paused:
-            self.eof = True                  # after the held requests are answered
-        else:
-            conn.close()
+        conn.close()
 
     def _bad(self) -> None:
         if not self.closing:
@@ -1010,14 +987,7 @@ class HelloHandler(proactor.Handler):
 
     def _drained(self) -> None:
         self.paused = False
-        held = self.held
-        while held and not self.paused:
-            self.data_received(self.conn, held.popleft())
-        if self.paused or self.closing:
-            return                           # paused again: a new drain callback is due
-        if self.eof:
-            self.conn.close()
-        else:
+        if not self.closing:
             self.conn.resume_reading()
 
     def on_message_complete(self) -> None:
