@@ -310,15 +310,19 @@ class WorkerPool:
                 conn = self._ready.popleft()
                 items = conn._wq
                 conn._wq = []
+                n = len(items)
+                if conn._wheld is not None and items:   # paused, events held: these are
+                    if items[-1][0] == LOST:     # newer, they wait behind them
+                        conn._wheld = None       # (closed: the held data goes nowhere)
+                    else:
+                        conn._wheld.extend(items)
+                        items = []
             for i, (kind, arg) in enumerate(items):
-                if conn._user_paused or conn._wheld is not None:
-                    if kind == LOST:
-                        conn._wheld = None       # closed: what was held goes nowhere
-                    elif kind != MADE and self._hold(conn, items, i):
-                        break
+                if conn._user_paused and kind != MADE and self._hold(conn, items, i):
+                    break
                 run_handler_event(conn, kind, arg)
             with cond:
-                self.pending -= len(items)
+                self.pending -= n
                 if conn._wq:
                     self._ready.append(conn)
                     cond.notify()
@@ -332,12 +336,10 @@ class WorkerPool:
 
     def _hold(self, conn: Any, items: list, i: int) -> bool:
         """``conn`` is paused: keep ``items[i:]`` (data and EOF that came before the pause
-        took effect) for :meth:`release`, unless it was resumed meanwhile. True if held."""
+        took effect) for :meth:`release`, unless it was resumed meanwhile or has closed
+        (the handler gets no data once closing; LOST is run). True if held."""
         with self._cond:
-            if not conn._user_paused and conn._wheld is None:
-                return False
-            if items[-1][0] == LOST:     # closed: the data goes nowhere (the handler
-                conn._wheld = None       # gets none once closing), LOST is run
+            if not conn._user_paused or items[-1][0] == LOST:
                 return False
             if conn._wheld is None:
                 conn._wheld = deque()

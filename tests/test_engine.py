@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -517,3 +518,55 @@ def test_worker_events_queued_before_the_pause_are_held(engine, end):
         assert h.conn._wheld is None
     wait_until(lambda: engine.stats().queue_depth == 0 and engine.stats().connections == 0,
                message="nothing left in the pool")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pause_and_resume_from_another_thread_keep_order(engine, workers):
+    """Every data_received pauses reading and another thread resumes it a moment later,
+    while the peer keeps sending: the bytes arrive complete and in order, none while
+    paused, and the EOF after them."""
+    resumes: queue.Queue = queue.Queue()
+    got = bytearray()
+    bad = []
+    done = threading.Event()
+    paused = threading.Event()
+
+    class H(proactor.Handler):
+        def data_received(self, conn, data):
+            if paused.is_set():
+                bad.append(len(data))
+            got.extend(data)
+            paused.set()
+            conn.pause_reading()
+            resumes.put(conn)
+
+        def eof_received(self, conn):
+            if paused.is_set():
+                bad.append("eof")
+            conn.close()
+            done.set()
+
+    def resumer():
+        r = random.Random(7)
+        while (conn := resumes.get()) is not None:
+            if r.random() < 0.5:
+                time.sleep(r.random() / 5000)
+            paused.clear()
+            conn.resume_reading()
+
+    t = threading.Thread(target=resumer)
+    t.start()
+    try:
+        srv = engine.serve_tcp(H, "127.0.0.1", 0, workers=workers)
+        payload = b"".join(b"%07d\n" % i for i in range(60000))
+        with connect(("127.0.0.1", srv.port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(0, len(payload), 4000):
+                s.sendall(payload[i:i + 4000])
+            s.shutdown(socket.SHUT_WR)
+            assert done.wait(30)
+    finally:
+        resumes.put(None)
+        t.join(10)
+    assert bad == []
+    assert bytes(got) == payload
