@@ -241,15 +241,6 @@ def combined(fields: list, low: bytes) -> Optional[bytes]:
     return b", ".join(v for v in values if v)
 
 
-def in_pieces(data: bytes, size: int) -> Any:
-    """``data`` as memoryviews of at most ``size`` bytes. The readers feed their parser
-    so: the bytes fed without the parser getting anywhere are then counted to within one
-    piece, wherever the data was in a read."""
-    view = memoryview(data)
-    step = max(1, size)
-    return (view[start:start + step] for start in range(0, len(view), step))
-
-
 def merge_fields(fields: list, low: bytes, value: bytes) -> list:
     """``fields`` with the ``low`` fields replaced by one line of ``value``, where the
     first of them was (so a peer reading only the first or the last line reads all)."""
@@ -337,7 +328,41 @@ class Request:
         return f"<Request {self.method.decode()} {self.url.decode('latin-1')}>"
 
 
-class RequestReader:
+class _Reader:
+    """What both readers do alike. httptools keeps a field line's bytes until the line is
+    complete, so they bound the bytes fed while the parser gets nowhere (in a head, or in
+    a body's framing and trailers): they feed it pieces of at most ``max_head`` bytes
+    (the count is then right to within one piece, wherever the data was in a read) and
+    count each piece without progress; body data or a chunk's end in it is progress.
+    The subclass has ``in_head``, ``max_head``, ``_fed`` and ``_moved``."""
+
+    __slots__ = ()
+
+    def _pieces(self, data: bytes) -> Any:
+        view = memoryview(data)
+        step = max(1, self.max_head)
+        for start in range(0, len(view), step):
+            self._moved = False
+            yield view[start:start + step]
+
+    def _stalled(self, size: int, framing: bool) -> bool:
+        """Count a piece of ``size`` bytes if the parser is in a head, or in the body's
+        ``framing`` without progress; True once over twice ``max_head`` since the last
+        progress."""
+        if self.in_head or (framing and not self._moved):
+            self._fed += size
+            return self._fed > 2 * self.max_head
+        return False
+
+    def _progress(self) -> None:
+        self._moved = True
+        self._fed = 0
+
+    def on_chunk_complete(self) -> None:
+        self._progress()
+
+
+class RequestReader(_Reader):
     """Client side, sans-IO: feed it the client's bytes; it parses them with httptools and
     calls ``sink.on_request(req)`` (head complete), ``sink.on_request_body(req, data)``
     (``data`` already framed for upstream) and ``sink.on_request_end(req, tail)`` (``tail``:
@@ -372,12 +397,11 @@ class RequestReader:
         self._trailers: Optional[list] = None
 
     def feed(self, data: bytes) -> None:
-        for piece in in_pieces(data, self.max_head):
+        for piece in self._pieces(data):
             self._feed(piece)
 
     def _feed(self, data: memoryview) -> None:
         size = len(data)
-        self._moved = False
         while data:
             try:
                 self.parser.feed_data(data)
@@ -395,15 +419,11 @@ class RequestReader:
                 self.error = RequestError(400, f"invalid request: {e}")
                 raise self.error from None
             break
-        # httptools keeps a field line's bytes until the line is complete: bound what is
-        # fed while no body data comes, in a head or in a chunked body (its trailers
-        # last until the message ends). A piece in which data came is progress.
+        # a chunked body's framing and trailers last until the message ends
         req = self._req
-        if self.in_head or (req is not None and req.chunked and not self._moved):
-            self._fed += size
-            if self._fed > 2 * self.max_head:
-                raise self._fail(431, "request head too large" if self.in_head
-                                 else "request trailers too large")
+        if self._stalled(size, req is not None and req.chunked):
+            raise self._fail(431, "request head too large" if self.in_head
+                             else "request trailers too large")
 
     def _fail(self, status: int, detail: str) -> RequestError:
         self.error = RequestError(status, detail)
@@ -497,14 +517,9 @@ class RequestReader:
         self.sink.on_request(req)
 
     def on_body(self, data: bytes) -> None:
-        self._moved = True
-        self._fed = 0
+        self._progress()
         req = self._req
         self.sink.on_request_body(req, chunk(data) if req.chunked else data)
-
-    def on_chunk_complete(self) -> None:
-        self._moved = True
-        self._fed = 0
 
     def on_message_complete(self) -> None:
         self.in_message = False
@@ -521,7 +536,7 @@ class _ExtraBytes(Exception):
     """Bytes after the end of the response: the connection is not reused."""
 
 
-class ResponseReader:
+class ResponseReader(_Reader):
     """Upstream side, sans-IO: parses one exchange's response with httptools and turns it
     into the bytes for the client. :meth:`feed` returns them; then ``done`` says whether
     the response is complete and ``reusable`` whether its connection may serve another
@@ -566,13 +581,12 @@ class ResponseReader:
 
     def feed(self, data: bytes) -> list:
         self.started = True
-        for piece in in_pieces(data, self.max_head):
+        for piece in self._pieces(data):
             self._feed(piece)
         out, self.out = self.out, []
         return out
 
     def _feed(self, data: memoryview) -> None:
-        self._moved = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -581,12 +595,9 @@ class ResponseReader:
             if not self.done:
                 raise
             self.reusable = False  # something after the response's end: not to be reused
-        # As in RequestReader._feed: a piece with body data in it is progress.
-        if self.in_head or (self.in_body and not self.done and not self._moved):
-            self._fed += len(data)
-            if self._fed > 2 * self.max_head:
-                raise self._fail("response head too large" if self.in_head
-                                 else "response trailers too large")
+        if self._stalled(len(data), self.in_body and not self.done):
+            raise self._fail("response head too large" if self.in_head
+                             else "response trailers too large")
 
     def _fail(self, why: str) -> ResponseError:
         self.error = ResponseError(why)
@@ -694,16 +705,11 @@ class ResponseReader:
         return b"".join(lines)
 
     def on_body(self, data: bytes) -> None:
-        self._moved = True
-        self._fed = 0
+        self._progress()
         if self.done:                  # a body after a response to HEAD
             self.reusable = False
             return
         self.out.append(chunk(data) if self.chunked else data)
-
-    def on_chunk_complete(self) -> None:
-        self._moved = True
-        self._fed = 0
 
     def on_message_complete(self) -> None:
         if self.interim:
