@@ -338,12 +338,17 @@ class _Reader:
 
     __slots__ = ()
 
-    def _pieces(self, data: bytes) -> Any:
-        view = memoryview(data)
+    def _feed_pieces(self, data: bytes) -> None:
+        """Feed ``data`` to ``_feed`` (the subclass's) a piece at a time."""
         step = max(1, self.max_head)
+        if len(data) <= step:              # the common case: one piece, as it is
+            self._moved = False
+            self._feed(data)
+            return
+        view = memoryview(data)
         for start in range(0, len(view), step):
             self._moved = False
-            yield view[start:start + step]
+            self._feed(view[start:start + step])
 
     def _stalled(self, size: int, framing: bool) -> bool:
         """Count a piece of ``size`` bytes if the parser is in a head, or in the body's
@@ -397,8 +402,7 @@ class RequestReader(_Reader):
         self._trailers: Optional[list] = None
 
     def feed(self, data: bytes) -> None:
-        for piece in self._pieces(data):
-            self._feed(piece)
+        self._feed_pieces(data)
 
     def _feed(self, data: memoryview) -> None:
         size = len(data)
@@ -581,8 +585,7 @@ class ResponseReader(_Reader):
 
     def feed(self, data: bytes) -> list:
         self.started = True
-        for piece in self._pieces(data):
-            self._feed(piece)
+        self._feed_pieces(data)
         out, self.out = self.out, []
         return out
 
@@ -652,8 +655,10 @@ class ResponseReader(_Reader):
             return
         no_body = self.head_request or status == 204 or status == 304
         connection = None
+        fields = forwarded_headers(self._headers)
+        te = combined(fields, b"transfer-encoding")
         if not no_body:
-            framing = self._framing()
+            framing = self._framing(fields, te)
             if framing == b"chunked" and self.client_http10:
                 self.client_close = True      # the body goes out as it is, ended by close
             elif framing == b"chunked":
@@ -665,7 +670,7 @@ class ResponseReader(_Reader):
             connection = b"close"
         elif self.client_http10:
             connection = b"keep-alive"
-        self.out.append(self._head(status, connection))
+        self.out.append(self._head(status, connection, fields, te))
         self.head_sent = True
         self.in_body = True
         self._fed = self._field_size = 0      # from here on: the trailers' budget
@@ -675,23 +680,30 @@ class ResponseReader(_Reader):
             self.done = True
             self.reusable = p.should_keep_alive()
 
-    def _framing(self) -> Optional[bytes]:
-        """b"chunked", b"length", or None (the body ends when the upstream closes).
+    @staticmethod
+    def _framing(fields: list, te: Optional[bytes]) -> Optional[bytes]:
+        """b"chunked", b"length", or None (the body ends when the upstream closes), from
+        the ``fields`` of :func:`forwarded_headers` (which keeps the framing ones) and
+        their Transfer-Encoding list ``te``.
 
         Several Transfer-Encoding lines are one list, whose last coding decides, as for
         the parser (llhttp), which is what frames the body forwarded; :meth:`_head` sends
         the client that list in one line, so it reads the same framing."""
-        te = combined([(n, n.lower(), v) for n, v in self._headers], b"transfer-encoding")
         if te is not None:
             return b"chunked" if is_chunked(te) else None
-        if any(n.lower() == b"content-length" for n, _ in self._headers):
+        if any(low == b"content-length" for _, low, _ in fields):
             return b"length"
         return None
 
-    def _head(self, status: int, connection: Optional[bytes]) -> bytes:
+    def _head(self, status: int, connection: Optional[bytes], fields: Optional[list] = None,
+              te: Optional[bytes] = None) -> bytes:
+        """The head for the client: the upstream's ``fields`` (from
+        :func:`forwarded_headers`; computed if not given) with ``te`` their
+        Transfer-Encoding list in one line, and ``connection``."""
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, self._reason)]
-        fields = forwarded_headers(self._headers)
-        te = combined(fields, b"transfer-encoding")
+        if fields is None:
+            fields = forwarded_headers(self._headers)
+            te = combined(fields, b"transfer-encoding")
         if te is not None:
             fields = merge_fields(fields, b"transfer-encoding", te)
         drop_te = self.client_http10
