@@ -651,7 +651,8 @@ class StaticSite:
         status, offset, count = 200, 0, size
         extra = [(b"Accept-Ranges", b"bytes")]
         rng = h.get(b"range")
-        if rng is not None and self._if_range_ok(h.get(b"if-range"), etag, last_modified):
+        if rng is not None and self._if_range_ok(h.get(b"if-range"), etag, last_modified,
+                                                 time.time() - st.st_mtime >= 1):
             r = parse_range(rng, size)
             if r == "unsatisfiable":
                 return error_response(416, req, extra=((b"Content-Range", b"bytes */%d" % size),))
@@ -703,8 +704,16 @@ class StaticSite:
         return False
 
     @staticmethod
-    def _if_range_ok(if_range: Optional[bytes], etag: bytes, last_modified: bytes) -> bool:
-        return if_range is None or if_range.strip() in (etag, last_modified)
+    def _if_range_ok(if_range: Optional[bytes], etag: bytes, last_modified: bytes,
+                     strong_date: bool) -> bool:
+        """May the Range be served? Without If-Range yes; else only if it is our entity
+        tag, or our Last-Modified date while that is a strong validator: a file
+        modified less than a second ago may change again within the same date (RFC
+        9110 sections 13.1.5 and 8.8.2.2)."""
+        if if_range is None:
+            return True
+        v = if_range.strip()
+        return v == etag or (strong_date and v == last_modified)
 
 
 def entity_tags(value: bytes) -> list:

@@ -238,6 +238,26 @@ def test_conditional_and_range(site):
     assert r.status == 206 and r.file_fd == -1 and b"Content-Length: 10\r\n" in r.head
 
 
+def test_if_range_date_only_when_strong(tmp_path):
+    """If-Range with the Last-Modified date serves the range only when that date is a
+    strong validator: not for a file modified within the last second (it may change
+    again within the same date; RFC 9110 section 8.8.2.2)."""
+    s = session_for(tmp_path)
+    path = tmp_path / "f4096.bin"
+    path.write_bytes(b"x" * 4096)
+
+    def range_with_date():
+        lm = email.utils.formatdate(int(path.stat().st_mtime), usegmt=True).encode()
+        return status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n"
+                            b"Range: bytes=0-0\r\nIf-Range: %s\r\n\r\n" % lm)
+
+    os.utime(path, (time.time() - 100, time.time() - 100))
+    assert range_with_date().status == 206
+    os.utime(path)                               # modified now
+    r = range_with_date()
+    assert r.status == 200 and r.file_count == 4096
+
+
 def test_timeouts_logic(site):
     root, _ = site
     s = session_for(root, header_timeout=5, keepalive_timeout=20)
