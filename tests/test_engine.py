@@ -487,9 +487,10 @@ def test_worker_events_queued_before_the_pause_are_held(engine, end):
         s.sendall(b"a")
         assert started.wait(10)
         s.sendall(b"b" * 5000)
-        wait_until(lambda: engine.stats().queue_depth >= 2, message="data queued behind")
-        go.set()
         h = hs[0]
+        # in the pool's queue of the connection, behind the event being handled
+        wait_until(lambda: h.conn._wq, message="data queued behind")
+        go.set()
         wait_until(lambda: h.conn._wheld, message="the queued data held")   # the path is taken
         time.sleep(0.05)
         assert bytes(h.received) == b"a"
