@@ -36,18 +36,21 @@ Bounds, so that no client can grow the server's memory or hold up the others:
   ``--hangup-timeout`` seconds to read what is queued, then the connection is cut.
   Nobody waits for it: sending to a member only queues.
 * ``--rate`` lines a second per client (empty ones included), in bursts of up to twice
-  that; a line beyond it is dropped, the client is told once and the server stops
-  reading from it until the next line is allowed (its data waits in the kernel).
+  that. Lines beyond it wait, none is dropped: the client is told to slow down (once,
+  until its whole burst is back), and the server stops reading from it until the next
+  line is allowed (what has not been read waits in the kernel; what was, at most one
+  read's worth, in the session).
   ``--max-clients`` connections at once; a nickname must be chosen within
   ``--login-timeout`` seconds.
 
-So the chat's memory is bounded by about ``--max-clients`` x (``--max-line`` +
+So the chat's memory is bounded by about ``--max-clients`` x (one read or
+``--max-line``, whichever is larger, +
 4 x ``--max-output`` + what two engine turns queue for a member), however the clients
 behave.
 
 Design: :class:`Chat` is the whole chat (sessions, nicknames, rooms, line framing,
 commands, limits) and does no I/O: it writes to each client through the small
-:class:`Peer` interface (``write``, ``backlog``, ``close``), so it runs and is tested
+:class:`Peer` interface (``write``, ``backlog``, ``pause``, ``close``), so it runs and is tested
 without sockets. :class:`ChatConnection` is the glue to proactor's handler API. The
 handlers run inline on the engine's I/O thread (``workers=0``): a fan-out is a few
 ``conn.send()`` calls, which queue and never block. As every handler call and timer runs
@@ -156,24 +159,27 @@ class Peer(Protocol):
 
     def pause(self, seconds: float) -> None:
         """Read nothing more from the client for ``seconds`` (the data waits in the
-        kernel); a pause already running is not extended."""
+        kernel), then call :meth:`Chat.resume` before reading again, unless that asked
+        for a new pause; a pause already running is not extended."""
 
 
 class Session:
     """One client, from its connection to its disconnection."""
 
-    __slots__ = ("peer", "nick", "room", "open", "_buf", "_tokens", "_stamp", "_warned",
-                 "_over_since", "_w_turn", "_w_cur", "_w_prev")
+    __slots__ = ("peer", "nick", "room", "open", "_buf", "_eof", "_tokens", "_stamp",
+                 "_warned", "_over_since", "_w_turn", "_w_cur", "_w_prev")
 
     def __init__(self, peer: Peer, now: float, burst: float) -> None:
         self.peer = peer
         self.nick: Optional[str] = None
         self.room: Optional[str] = None
         self.open = True                # False once the chat has hung up on it
-        self._buf = bytearray()         # the start of a line whose newline has not come
+        self._buf = bytearray()         # lines waiting for the rate limit, then the start
+                                        # of a line whose newline has not come
+        self._eof = False               # the client has stopped sending
         self._tokens = burst            # the rate limit's token bucket
         self._stamp = now
-        self._warned = False            # told to slow down since its last line went through
+        self._warned = False            # told to slow down since its burst was last full
         self._over_since: Optional[float] = None   # when its queue went over max_output
         self._w_turn = -2               # the engine turn of the last line queued for it,
         self._w_cur = 0                 # the bytes queued for it in that turn
@@ -181,7 +187,7 @@ class Session:
 
     @property
     def buffered(self) -> int:
-        """Bytes of input held while waiting for the rest of the line."""
+        """Bytes of input held: lines waiting for the rate limit, the start of a line."""
         return len(self._buf)
 
     def __repr__(self) -> str:
@@ -223,8 +229,10 @@ class Chat:
         return s
 
     def receive(self, s: Session, data: bytes) -> None:
-        """Bytes from the client: handle each complete line, keep the rest (at most
-        ``max_line`` bytes, plus a "\\r"; a longer line ends the connection)."""
+        """Bytes from the client: handle each complete line, keep the rest: the start of
+        a line (at most ``max_line`` bytes, plus a "\\r"; a longer line ends the
+        connection) and, over the rate, the lines that wait for :meth:`resume` (reading
+        is paused meanwhile: at most what one read brought)."""
         if not s.open:
             return
         buf = s._buf
@@ -239,6 +247,9 @@ class Chat:
             if stop - start > limit:
                 self._line_too_long(s)
                 return
+            if not self._take_token(s):
+                del buf[:start]          # the rest waits for resume()
+                return
             line = bytes(buf[start:stop])
             start = end + 1
             self._line(s, line)
@@ -248,16 +259,27 @@ class Chat:
         n = len(buf)
         if n > limit + 1 or (n == limit + 1 and buf[-1] != 0x0D):
             self._line_too_long(s)
+        elif s._eof:
+            # The client stopped sending: a last line without its newline, then close.
+            rest = bytes(buf).rstrip(b"\r")
+            if rest:
+                if not self._take_token(s):
+                    return
+                buf.clear()
+                self._line(s, rest)
+            self._hangup(s, b"")
 
     def eof(self, s: Session) -> None:
-        """The client stopped sending: take a last line without its newline, then close."""
-        if not s.open:
-            return
-        rest = bytes(s._buf).rstrip(b"\r")
-        s._buf.clear()
-        if rest:
-            self._line(s, rest)          # at most max_line bytes: receive() checked
-        self._hangup(s, b"")
+        """The client stopped sending: after the lines that wait, take a last line
+        without its newline, then close."""
+        if s.open:
+            s._eof = True
+            self.receive(s, b"")
+
+    def resume(self, s: Session) -> None:
+        """The pause that :class:`Peer` was asked for is over: handle the lines that
+        waited (the I/O glue then reads again, unless it was asked to pause anew)."""
+        self.receive(s, b"")
 
     def lost(self, s: Session, failed: bool = False) -> None:
         """The connection is gone (whoever closed it); ``failed``: by an error, a reset."""
@@ -274,8 +296,6 @@ class Chat:
 
     # ------------------------------------------------------------------ lines
     def _line(self, s: Session, raw: bytes) -> None:
-        if not self._take_token(s):
-            return
         if not raw.strip():
             return
         try:
@@ -295,8 +315,9 @@ class Chat:
             self._say(s, text[1:] if text.startswith("//") else text)
 
     def _take_token(self, s: Session) -> bool:
-        """Every line, empty ones too, costs a token. Without one the line is dropped, the
-        client told once, and reading from it paused until the next token."""
+        """Every line, empty ones too, costs a token. Without one the line waits: the
+        client is told once (until it has slowed down: its whole burst is back), and
+        asked to pause until the next token."""
         rate = self.limits.rate
         if not rate:
             return True
@@ -307,13 +328,14 @@ class Chat:
             s._tokens = tokens
             if not s._warned:
                 s._warned = True
-                self._reply(s, b"! slow down: at most %g lines a second; line dropped\n"
+                self._reply(s, b"! slow down: at most %g lines a second; the rest wait\n"
                             % rate)
             if s.open:
                 s.peer.pause((1 - tokens) / rate)
             return False
+        if tokens == self.limits.burst:
+            s._warned = False
         s._tokens = tokens - 1
-        s._warned = False
         return True
 
     def _command(self, s: Session, cmd: str, arg: str) -> None:
@@ -584,7 +606,10 @@ class ChatConnection(proactor.Handler):
 
     def _resume(self) -> None:
         self._paused = None
-        if not self.conn.closed:
+        if self.conn.closed or self.session is None:
+            return
+        self.chat.resume(self.session)       # the lines that waited; may pause again
+        if self._paused is None and not self.conn.closed:
             self.conn.resume_reading()
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -412,27 +413,60 @@ def test_a_stuck_client_is_disconnected_by_a_reply_too():
     assert pa.out.endswith(TOO_SLOW) and pa.closed and not chat.names
 
 
-def test_rate_limit():
+def test_rate_limit_makes_lines_wait():
     chat, clock = make_chat(rate=2)                 # bursts of 4
     a, pa = join(chat, "alice")
     clock.now += 10                                 # the bucket is full
-    for i in range(6):
-        say(chat, a, f"m{i}")
-    drop = "! slow down: at most 2 lines a second; line dropped"
-    # told once, and reading paused until the next token (half a second)
-    assert pa.take() == [f"[lobby] alice: m{i}" for i in range(4)] + [drop]
-    assert pa.pauses == [0.5, 0.5]
+    chat.receive(a, b"".join(b"m%d\n" % i for i in range(6)))
+    wait = "! slow down: at most 2 lines a second; the rest wait"
+    # m4 and m5 wait; told once, and reading paused until the next token (0.5 s)
+    assert pa.take() == [f"[lobby] alice: m{i}" for i in range(4)] + [wait]
+    assert pa.pauses == [0.5]
     clock.now += 0.5                                # one line's worth
-    say(chat, a, "m6")
-    say(chat, a, "m7")
-    assert pa.take() == ["[lobby] alice: m6", drop]
+    chat.resume(a)
+    assert pa.take() == ["[lobby] alice: m4"]        # m5 waits on, not told again
+    assert pa.pauses == [0.5, 0.5]
+    clock.now += 0.5
+    chat.resume(a)
+    assert pa.take() == ["[lobby] alice: m5"]
     clock.now += 10
     chat.receive(a, b"\n\n\n\n")                  # empty lines cost a token too
-    say(chat, a, "m8")
-    assert pa.take() == [drop]
+    say(chat, a, "m6")
+    assert pa.take() == [wait]
     clock.now += 0.5
-    say(chat, a, "m9")
-    assert pa.take() == ["[lobby] alice: m9"]
+    chat.resume(a)
+    assert pa.take() == ["[lobby] alice: m6"]
+    assert a.buffered == 0
+
+
+def test_eof_waits_behind_the_lines_over_the_rate():
+    """The lines that wait for the rate, then the last line without a newline, then the
+    close: the EOF does not overtake them, and a /quit among them is not lost."""
+    chat, clock = make_chat(rate=1)                 # bursts of 2
+    a, pa = join(chat, "alice")
+    b, pb = join(chat, "bob")
+    assert pa.take() == ["* bob joined lobby"]
+    clock.now += 10
+    chat.receive(a, b"one\ntwo\nthree\nlast")
+    chat.eof(a)
+    assert pb.take() == ["[lobby] alice: one", "[lobby] alice: two"]
+    assert a.open and not pa.closed
+    clock.now += 1
+    chat.resume(a)
+    assert pb.take() == ["[lobby] alice: three"] and a.open
+    clock.now += 1
+    chat.resume(a)
+    assert pb.take() == ["[lobby] alice: last", "* alice quit"]
+    assert pa.closed and not a.open
+    clock.now += 10
+    chat.receive(b, b"x\ny\n/quit\n")
+    assert pb.take() == ["[lobby] bob: x", "[lobby] bob: y",
+                         "! slow down: at most 1 lines a second; the rest wait"]
+    assert b.open
+    clock.now += 1
+    chat.resume(b)
+    assert pb.take() == [chat_server.BYE.decode().rstrip("\n")]
+    assert pb.closed and not b.open
 
 
 def test_max_clients_and_login_timeout():
@@ -623,6 +657,29 @@ def test_fan_out_is_byte_exact_and_in_one_order_for_all(engine, serve):
         assert mine == [f"[lobby] {nick}: {t}\n" for t in sent[nick]]
     for c in members:
         c.sync()
+
+
+def test_lines_over_the_rate_wait_over_sockets(engine, serve):
+    """At 10 lines a second in bursts of 20 (the nickname took one), 29 lines in one
+    write: all reach the room, in order, the last ten about a second later, and the
+    sender is told once; then 5 more, a /quit and the EOF at once: all of them, in
+    order, with no second notice."""
+    srv = serve(rate=10)
+    alice = srv.client("alice")
+    bob = srv.client("bob")
+    alice.expect("* bob joined lobby\n")
+    t0 = time.monotonic()
+    alice.send("".join(f"line {i}\n" for i in range(29)))
+    bob.expect(*(f"[lobby] alice: line {i}\n" for i in range(29)))
+    assert time.monotonic() - t0 >= 0.8          # the last ten waited for their tokens
+    alice.expect(*(f"[lobby] alice: line {i}\n" for i in range(19)),
+                 b"! slow down: at most 10 lines a second; the rest wait\n",
+                 *(f"[lobby] alice: line {i}\n" for i in range(19, 29)))
+    alice.send("".join(f"more {i}\n" for i in range(5)) + "/quit")
+    alice.sock.shutdown(socket.SHUT_WR)
+    bob.expect(*(f"[lobby] alice: more {i}\n" for i in range(5)), "* alice quit\n")
+    alice.expect(*(f"[lobby] alice: more {i}\n" for i in range(5)), chat_server.BYE)
+    alice.expect_eof()
 
 
 def test_over_long_line_is_refused_and_disconnected(engine, serve):
