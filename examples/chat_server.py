@@ -81,8 +81,12 @@ log = logging.getLogger("chat")
 LOBBY = "lobby"
 NICK_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,15}")
 ROOM_RULE = re.compile(r"[a-z0-9][a-z0-9_-]{0,23}")
-#: C0 controls but tab, DEL, C1 controls: they would drive the other members' terminals.
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+#: C0 controls but tab, DEL, C1 controls: they would drive the other members' terminals;
+#: the line and paragraph separators (a line break to many displays) and the
+#: bidirectional overrides, embeddings, isolates and marks, which make text display in
+#: another order than it reads (a line could look as if someone else had said it).
+CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f"
+                           "\u2028-\u202e\u2066-\u2069]")
 #: /rooms and /who list at most this many names, so every reply is short.
 MAX_LISTED = 50
 

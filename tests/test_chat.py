@@ -274,7 +274,10 @@ def test_bad_text_is_refused_not_sent():
     say(chat, a, "beep\x07")
     say(chat, a, "\x1b[2Jclear screen")
     say(chat, a, "c1\x9bcontrol")
-    assert pa.take() == [chat_server.NOT_UTF8.decode().rstrip("\n")] + 3 * [
+    say(chat, a, "bob: \u202eevil")             # right-to-left override
+    say(chat, a, "two\u2028lines")              # line separator
+    say(chat, a, "iso\u2067late")               # right-to-left isolate
+    assert pa.take() == [chat_server.NOT_UTF8.decode().rstrip("\n")] + 6 * [
         chat_server.CONTROL.decode().rstrip("\n")]
     say(chat, a, "tab\tis fine")
     assert pb.take() == ["[lobby] alice: tab\tis fine"]
