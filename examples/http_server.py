@@ -18,19 +18,22 @@ handler (``HTTPHandler``) glues a session to an engine connection. With ``--work
 the handlers run on N threads (half-sync/half-async): opening and stat-ing files then
 happens off the I/O thread.
 
-Hardening, each with its status and a closed connection: request line over
+Hardening, each with its status and a closed connection: request target over
 ``max_request_line`` (414), header block over ``max_header_bytes`` or ``max_headers``
 (431), a request body over ``max_body`` (413; smaller bodies are read and ignored, RFC
-9112 frames a request by its headers whatever the method), unparsable requests (400),
-an HTTP/1.1 request without exactly one valid ``Host`` (400), versions other than 1.0
-and 1.1 (505), more than ``max_connections`` clients (503), a request head not complete
-within ``header_timeout`` (408: slowloris), an idle keep-alive
-connection past ``keepalive_timeout`` (closed), a client that takes none of its queued
-response for ``send_timeout`` (aborted), ``..`` segments, encoded or not, and NUL (400),
-files reached through a symlink leading out of the root (403). Standard methods other
-than GET and HEAD get 405, unknown ones 501 (the connection stays open); a file that cannot
-be opened for want of fds gets 503. Pipelined requests wait, reading paused, while more
-than ``max_buffered_output`` bytes of responses are on their way.
+9112 frames a request by its headers whatever the method), unparsable requests (400;
+also a method the parser does not know), an HTTP/1.1 request without exactly one
+valid ``Host`` (400), versions other than 1.0 and 1.1 (505), more than
+``max_connections`` clients (503), a request head not complete within
+``header_timeout`` (408: slowloris), an idle keep-alive connection past
+``keepalive_timeout`` (closed), a client that takes none of its queued response for
+``send_timeout`` (aborted). Answered with the connection kept open, as the request
+itself was well formed: ``..`` segments, encoded or not, and NUL in the path (400),
+files reached through a symlink leading out of the root (403), a path the file system
+cannot hold (404), standard methods other than GET and HEAD (405), other methods the
+parser knows (501), a file that cannot be opened for want of fds (503). Pipelined
+requests wait, reading paused, while more than ``max_buffered_output`` bytes of
+responses are on their way.
 
 ``--hello`` answers every request with the 78-byte reply of the benchmark peer
 (``Hello, World!``), to measure the engine and the parser alone.
@@ -567,9 +570,7 @@ class StaticSite:
             return 403                       # EXDEV/ELOOP: a way out of the root
         if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
             return 503                       # the server is short of something, not the file
-        if e.errno == errno.ENAMETOOLONG:
-            return 414
-        return 404                           # ENOENT, ENOTDIR...
+        return 404          # ENOENT, ENOTDIR, ENAMETOOLONG (no such file can exist)...
 
     def _directory(self, req: Request, fd: int, rel: bytes, raw: bytes,
                    query: Optional[bytes]) -> Response:
@@ -1065,23 +1066,28 @@ def fd_budget(max_connections: int) -> int:
 
 
 def main(argv: Optional[list] = None) -> None:
-    p = argparse.ArgumentParser(description="HTTP/1.1 static file server.")
+    p = argparse.ArgumentParser(description="HTTP/1.1 static file server.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("port", type=int)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--root", default=DEMO_ROOT, help="directory to serve (default: demo site)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--root", default=DEMO_ROOT, help="directory to serve")
     p.add_argument("--workers", type=int, default=0,
                    help="run handlers on N worker threads (0: on the I/O thread)")
     p.add_argument("--backend", default=None, choices=["auto", "uring", "trio"],
-                   help="engine backend (default: $PROACTOR_BACKEND or auto)")
+                   help="engine backend (None: $PROACTOR_BACKEND, else auto)")
     p.add_argument("--access-log", action="store_true", help="log each request to stderr")
     p.add_argument("--listing", action="store_true", help="list directories without index")
     p.add_argument("--hello", action="store_true",
                    help="answer every request with the 78-byte 'Hello, World!' reply")
     d = Limits()
-    p.add_argument("--max-connections", type=int, default=d.max_connections)
-    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout)
-    p.add_argument("--header-timeout", type=float, default=d.header_timeout)
-    p.add_argument("--send-timeout", type=float, default=d.send_timeout)
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="clients at once (503 beyond; lowered to what the fd limit allows)")
+    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
+                   help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds to send a request head (408 after)")
+    p.add_argument("--send-timeout", type=float, default=d.send_timeout,
+                   help="seconds a client may take none of its response (aborted after)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.access_log else logging.WARNING,
                         format="%(message)s")

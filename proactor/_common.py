@@ -426,8 +426,10 @@ def run_calls(calls: deque, n: int) -> None:
 
 
 class BaseConnection:
-    """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
-    called from any thread; everything else from the handler (or the engine's thread).
+    """A TCP connection served by the engine. ``send``, ``writelines``, ``sendfile``,
+    ``close``, ``abort``, ``when_drained``, ``resume_reading`` and
+    ``get_write_buffer_size`` may be called from any thread; everything else from the
+    handler (or the engine's thread).
 
     The state and bookkeeping every backend keeps alike; a backend adds its own slots
     and the methods marked "Backend:"."""

@@ -141,8 +141,10 @@ def _sockaddr(address: Any, family: int) -> bytes:
 
 
 class UringConnection(BaseConnection):
-    """A TCP connection served by the engine. ``send``, ``close`` and ``abort`` may be
-    called from any thread; everything else from the handler (or the engine's thread)."""
+    """A TCP connection served by the engine. ``send``, ``writelines``, ``sendfile``,
+    ``close``, ``abort``, ``when_drained``, ``resume_reading`` and
+    ``get_write_buffer_size`` may be called from any thread; everything else from the
+    handler (or the engine's thread)."""
 
     __slots__ = ("_r", "_slot", "_gen", "_tid", "_held")
 

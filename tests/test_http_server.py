@@ -238,6 +238,15 @@ def test_conditional_and_range(site):
     assert r.status == 206 and r.file_fd == -1 and b"Content-Length: 10\r\n" in r.head
 
 
+def test_a_name_too_long_for_the_file_system_is_not_found(site):
+    """A path segment longer than a file name can be: 404 (no such file can exist), the
+    connection kept; a target over max_request_line is what gets 414."""
+    root, _ = site
+    s = session_for(root)
+    r = status_of(s, b"GET /" + b"n" * 300 + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert r.status == 404 and not r.close
+
+
 def test_if_range_date_only_when_strong(tmp_path):
     """If-Range with the Last-Modified date serves the range only when that date is a
     strong validator: not for a file modified within the last second (it may change
