@@ -51,6 +51,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import datetime  # noqa: E402
 import email.utils  # noqa: E402
 import errno  # noqa: E402
 import html  # noqa: E402
@@ -138,6 +139,12 @@ def content_type(path: bytes) -> bytes:
         if len(_types) < 1024:
             _types[ext] = t
     return t
+
+
+def _mtime(st: os.stat_result) -> int:
+    """The file's modification time for Last-Modified: never later than now (RFC 9110
+    section 8.8.2.1; a file dated in the future gets the time of the response)."""
+    return min(int(st.st_mtime), int(time.time()))
 
 
 def last_modified_date(mtime: int) -> bytes:
@@ -254,16 +261,21 @@ class HTTPSession:
         self._header_bytes = 0
         self._head_seen = 0                  # bytes fed while in HEAD (the parser buffers)
         self._began = False                  # a message began during the current feed
+        self._chunked = False                # the body is chunked
+        self._moved = False                  # body data or a chunk's end in this feed
+        self._stalled = 0                    # bytes fed in a chunked body without those
         self._hosts = 0
         self._version = "1.1"
         self._body = 0
         self._reject = 0
+        self._close_after = False            # close after this request's response
 
     # -- input
     def feed(self, data: bytes) -> None:
         if self.done:
             return
         self._began = False
+        self._moved = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -287,6 +299,15 @@ class HTTPSession:
                     self._head_seen += len(data)
                     if (self._head_seen
                             > self.limits.max_request_line + self.limits.max_header_bytes):
+                        self._fail_after_last(431)
+            elif self.state == BODY and self._chunked:
+                # The same for a field of the trailers, or a chunk's size line: bytes
+                # the parser keeps while no body data or chunk end comes.
+                if self._moved:
+                    self._stalled = 0
+                else:
+                    self._stalled += len(data)
+                    if self._stalled > self.limits.max_header_bytes:
                         self._fail_after_last(431)
 
     def _fail_after_last(self, status: Optional[int]) -> None:
@@ -314,6 +335,9 @@ class HTTPSession:
         self._began = True
         self._hosts = 0
         self._body = 0
+        self._chunked = False
+        self._stalled = 0
+        self._close_after = False
 
     def on_url(self, part: bytes) -> None:
         self._url_len += len(part)
@@ -355,6 +379,11 @@ class HTTPSession:
                 raise _Reject(400)
             if len(_good_hosts) < 64:
                 _good_hosts.add(h[b"host"])
+        self._chunked = b"transfer-encoding" in h
+        if self._chunked and version == "1.0":
+            # RFC 9112 section 6.1: its framing is faulty (a 1.0 hop in between would not
+            # know chunked): answered, then the connection closes.
+            self._close_after = True
         length = h.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             self._reject = 413
@@ -367,15 +396,19 @@ class HTTPSession:
             self.pending.append(Response(100, CONTINUE))
 
     def on_body(self, part: bytes) -> None:
+        self._moved = True
         self._body += len(part)              # read and ignored
         if self._body > self.limits.max_body:
             self._reject = 413
             raise _Reject(413)
 
+    def on_chunk_complete(self) -> None:
+        self._moved = True
+
     def on_message_complete(self) -> None:
         p = self.parser
         req = Request(p.get_method(), b"".join(self._url), self._version,
-                      self._headers, p.should_keep_alive())
+                      self._headers, p.should_keep_alive() and not self._close_after)
         self.pending.append(req)
         self.state = IDLE
         self.since = time.monotonic()
@@ -476,6 +509,7 @@ class StaticSite:
     def __init__(self, root: str, *, index: str = "index.html", listing: bool = False) -> None:
         self.root = os.path.realpath(root)
         self.root_b = os.fsencode(self.root)
+        self._root_prefix = self.root_b.rstrip(b"/") + b"/"      # "/" itself too
         self.index = os.fsencode(index)
         self.listing = listing
         self._proc_fd = os.path.isdir("/proc/self/fd")
@@ -559,7 +593,7 @@ class StaticSite:
             real = os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
         else:
             real = os.fsencode(os.path.realpath(os.path.join(self.root_b, rel)))
-        if real != self.root_b and not real.startswith(self.root_b + b"/"):
+        if real != self.root_b and not real.startswith(self._root_prefix):
             os.close(fd)
             raise OSError(errno.EXDEV, "outside the root", rel)
         return fd
@@ -640,7 +674,7 @@ class StaticSite:
                 return Response(200, cached[1], close=close, request=req)
             return Response(200, cached[1], file_fd=fd, file_count=size, close=close,
                             request=req)
-        mtime = int(st.st_mtime)
+        mtime = _mtime(st)
         etag = b'"%x-%x"' % (st.st_mtime_ns, size)
         last_modified = last_modified_date(mtime)
         validators = [(b"Last-Modified", last_modified), (b"ETag", etag)]
@@ -651,7 +685,7 @@ class StaticSite:
                             close=close, request=req)
         status, offset, count = 200, 0, size
         extra = [(b"Accept-Ranges", b"bytes")]
-        rng = h.get(b"range")
+        rng = h.get(b"range") if req.method == b"GET" else None   # RFC 9110 section 14.2
         if rng is not None and self._if_range_ok(h.get(b"if-range"), etag, last_modified,
                                                  time.time() - st.st_mtime >= 1):
             r = parse_range(rng, size)
@@ -673,7 +707,7 @@ class StaticSite:
     def _full_head(st: os.stat_result, ctype: bytes, close: bool, ka10: bool) -> bytes:
         return build_head(200, [(b"Content-Type", ctype),
                                 (b"Content-Length", b"%d" % st.st_size),
-                                (b"Last-Modified", last_modified_date(int(st.st_mtime))),
+                                (b"Last-Modified", last_modified_date(_mtime(st))),
                                 (b"ETag", b'"%x-%x"' % (st.st_mtime_ns, st.st_size)),
                                 (b"Accept-Ranges", b"bytes")],
                           close=close, keep_alive_10=ka10)
@@ -723,9 +757,17 @@ def entity_tags(value: bytes) -> list:
 
 
 def parse_http_date(value: bytes) -> Optional[float]:
-    """The POSIX time of an HTTP date, or None if it is not a valid one."""
+    """The POSIX time of an HTTP date, or None if it is not one valid date (RFC 9110
+    section 5.6.7: IMF-fixdate, RFC 850 or asctime, all in GMT; a field holding several,
+    as repeated fields are joined, is not valid: section 13.1.3)."""
+    if value.count(b",") > 1:
+        return None
     try:
-        return email.utils.parsedate_to_datetime(value.decode("latin-1")).timestamp()
+        t = email.utils.parsedate_tz(value.decode("latin-1"))
+        if t is None:
+            return None
+        zone = datetime.timezone(datetime.timedelta(seconds=t[9] or 0))  # asctime: GMT
+        return datetime.datetime(*t[:6], tzinfo=zone).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
 
@@ -742,18 +784,27 @@ def parse_range(value: bytes, size: int) -> Any:
     if (first and not first.isdigit()) or (last and not last.isdigit()):
         return None
     if not first:                            # the last N bytes
-        n = int(last)
-        if n == 0 or size == 0:
+        n = _position(last)
+        if n == 0:
             return "unsatisfiable"
+        if size == 0:
+            return None                      # satisfiable, and nothing to send: the 200
         n = min(n, size)
         return size - n, n
-    start = int(first)
-    if last and int(last) < start:
+    start = _position(first)
+    if last and _position(last) < start:
         return None
     if start >= size:
         return "unsatisfiable"
-    end = min(int(last), size - 1) if last else size - 1
+    end = min(_position(last), size - 1) if last else size - 1
     return start, end - start + 1
+
+
+def _position(digits: bytes) -> int:
+    """A byte position of a Range: any number of digits (int() refuses over 4300); one
+    beyond any file size stands for all the larger ones."""
+    digits = digits.lstrip(b"0") or b"0"
+    return int(digits) if len(digits) <= 18 else 1 << 62
 
 
 # ----------------------------------------------------------------------- the I/O glue

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import h11
@@ -234,8 +235,22 @@ def test_conditional_and_range(site):
     r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\n"
                      b"Range: bytes=0-0\r\nIf-Range: %s\r\n\r\n" % etag)
     assert r.status == 206
+    # Range is for GET only (RFC 9110 section 14.2): HEAD tells the whole file's length
     r = status_of(s, b"HEAD /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=0-9\r\n\r\n")
-    assert r.status == 206 and r.file_fd == -1 and b"Content-Length: 10\r\n" in r.head
+    assert r.status == 200 and r.file_fd == -1 and b"Content-Length: 4096\r\n" in r.head
+    # positions of any length (Python's int() refuses over 4300 digits)
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=10-%s\r\n\r\n"
+                     % (b"9" * 5000))
+    assert (r.status, r.file_offset, r.file_count) == (206, 10, 4086)
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=-%s\r\n\r\n"
+                     % (b"9" * 5000))
+    assert (r.status, r.file_offset, r.file_count) == (206, 0, 4096)
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=%s1-2\r\n\r\n"
+                     % (b"0" * 5000))
+    assert (r.status, r.file_offset, r.file_count) == (206, 1, 2)
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=%s-\r\n\r\n"
+                     % (b"9" * 5000))
+    assert r.status == 416 and not r.close
 
 
 def test_a_name_too_long_for_the_file_system_is_not_found(site):
@@ -387,6 +402,83 @@ def test_absolute_form_without_path_is_the_root(site, target):
     s = session_for(root)
     r = status_of(s, b"GET %s HTTP/1.1\r\nHost: example.test\r\n\r\n" % target)
     assert r.status == 200 and r.file_count == len(files["/"])
+
+
+@pytest.mark.parametrize("openat2", [True, False])
+def test_the_root_of_the_file_system_as_root(tmp_path, openat2):
+    """--root / serves files (by name, the check of the opened path once took "//" for
+    the root's prefix and refused everything)."""
+    (tmp_path / "x.txt").write_bytes(b"x\n")
+    s = session_opening("/", openat2)
+    target = urllib.parse.quote(str(tmp_path / "x.txt")).encode()
+    r = status_of(s, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+    assert r.status == 200 and r.file_count == 2
+
+
+def test_dates_are_gmt_and_one_only(site):
+    """An asctime date (no zone) is GMT whatever the server's zone; a field with two
+    dates (repeated fields are joined) is not a valid date and is ignored; a file dated
+    in the future is served as last modified now (RFC 9110 sections 5.6.7, 13.1.3,
+    8.8.2.1)."""
+    assert hs.parse_http_date(b"Sun Nov  6 08:49:37 1994") == 784111777
+    assert hs.parse_http_date(b"Sunday, 06-Nov-94 08:49:37 GMT") == 784111777
+    assert hs.parse_http_date(b"Sun, 06 Nov 1994 08:49:37 GMT") == 784111777
+    both = b"Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:49:37 GMT"
+    assert hs.parse_http_date(both) is None
+    root, _ = site
+    s = session_for(root)
+    assert status_of(s, b"GET /f100.bin HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: %s\r\n\r\n"
+                        % both).status == 200
+
+
+def test_a_file_from_the_future_was_modified_now(tmp_path):
+    path = tmp_path / "future.txt"
+    path.write_bytes(b"soon\n")
+    later = time.time() + 365 * 86400
+    os.utime(path, (later, later))
+    s = session_for(tmp_path)
+    for extra in (b"", b"Range: bytes=0-1\r\n"):
+        r = status_of(s, b"GET /future.txt HTTP/1.1\r\nHost: t\r\n%s\r\n" % extra)
+        lm = r.head.split(b"Last-Modified: ", 1)[1].split(b"\r\n", 1)[0]
+        assert hs.parse_http_date(lm) <= time.time() + 1
+
+
+def test_suffix_range_of_an_empty_file_is_the_whole_empty_file(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    s = session_for(tmp_path)
+    r = status_of(s, b"GET /empty.txt HTTP/1.1\r\nHost: t\r\nRange: bytes=-5\r\n\r\n")
+    assert r.status == 200 and b"Content-Length: 0\r\n" in r.head
+    r = status_of(s, b"GET /empty.txt HTTP/1.1\r\nHost: t\r\nRange: bytes=0-5\r\n\r\n")
+    assert r.status == 416
+
+
+def test_http10_request_with_transfer_encoding_closes_after_its_answer(site):
+    """RFC 9112 section 6.1: its framing is faulty; answered, then the connection ends
+    (the request after it is not)."""
+    root, _ = site
+    s = session_for(root)
+    s.feed(b"GET /f100.bin HTTP/1.0\r\nConnection: keep-alive\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+           b"GET /f1.bin HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    r = s.next_response()
+    assert r.status == 200 and r.close and b"Connection: close\r\n" in r.head
+    assert s.next_response() is None
+
+
+def test_endless_trailer_field_is_refused(site):
+    """A chunked body's trailer field that never ends is bounded as a header is (431),
+    fed in small pieces as a slow client would."""
+    root, _ = site
+    s = session_for(root)
+    s.feed(b"GET /f100.bin HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3\r\nabc\r\n0\r\nX-T: ")
+    fed = 0
+    while not s.done:
+        s.feed(b"a" * 1000)
+        fed += 1000
+        assert fed < 100_000
+    assert fed <= hs.Limits().max_header_bytes + 1000
+    assert [r.status for r in iter(s.next_response, None)] == [431]
 
 
 @pytest.mark.parametrize("date", [
