@@ -33,7 +33,8 @@ files reached through a symlink leading out of the root (403), a path the file s
 cannot hold (404), standard methods other than GET and HEAD (405), other methods the
 parser knows (501), a file that cannot be opened for want of fds (503). Pipelined
 requests wait, reading paused, while more than ``max_buffered_output`` bytes of
-responses are on their way.
+responses, or ``max_buffered_files`` file bodies (each holds a file descriptor), are on
+their way.
 
 ``--hello`` answers every request with the 78-byte reply of the benchmark peer
 (``Hello, World!``), to measure the engine and the parser alone.
@@ -81,11 +82,12 @@ class Limits:
     max_header_bytes: int = 16384       # bytes of the header block -> 431
     max_headers: int = 100              # header fields -> 431
     max_body: int = 65536               # request body bytes read and ignored -> else 413
-    max_connections: int = 10000        # open client connections -> 503
+    max_connections: int = 5000         # open client connections -> 503
     header_timeout: float = 10.0        # seconds for a whole request head (and body) -> 408
     keepalive_timeout: float = 15.0     # seconds idle between requests -> closed
     send_timeout: float = 60.0          # seconds queued output may make no progress -> abort
     max_buffered_output: int = 1 << 20  # queued response bytes before pipelining waits
+    max_buffered_files: int = 1         # file bodies queued (each holds an fd) -> waits
 
 
 # ----------------------------------------------------------------------- the protocol
@@ -437,6 +439,12 @@ class HTTPSession:
             self.done = True
         self.served += 1
         return resp
+
+    def sending(self, now: float) -> None:
+        """A response was still on its way at ``now``: the idle time between requests
+        counts from when it has gone out, not from the end of the request."""
+        if self.state == IDLE:
+            self.since = now
 
     def timed_out(self, now: float) -> Optional[str]:
         """"header" if a request head (or body) is overdue, "idle" if a keep-alive
@@ -871,11 +879,18 @@ class HTTPHandler(proactor.Handler):
         self.eof = False
         self.waiting = False                 # paused until the output drains
         self.queued = 0                      # bytes handed to the connection since then
+        self.files = 0                       # and file bodies
+        self.peer = "-"                      # the client's address, for the access log
         self.backlog = 0                     # queued output at the last sweep
         self.backlog_since = 0.0             # ... unchanged since then
 
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
+        if self.server.log_access:
+            try:
+                self.peer = conn.peername[0]
+            except OSError:
+                pass                         # already reset
         if not self.server.admit(self):
             self.session.done = True
             self._write(error_response(503, close=True))
@@ -909,7 +924,9 @@ class HTTPHandler(proactor.Handler):
         while session.pending:
             # ``queued``, not conn.get_write_buffer_size(): from a worker thread a send is
             # posted to the engine and not in the connection's queue yet.
-            if not first and self.queued > self.server.limits.max_buffered_output:
+            limits = self.server.limits
+            if ((not first and self.queued > limits.max_buffered_output)
+                    or self.files >= limits.max_buffered_files):
                 if not self.waiting:
                     self.waiting = True
                     conn.pause_reading()
@@ -929,7 +946,7 @@ class HTTPHandler(proactor.Handler):
     def _drained(self) -> None:
         with self.lock:
             self.waiting = False
-            self.queued = 0
+            self.queued = self.files = 0
             if self.conn.closed:
                 return
             self._pump()
@@ -942,6 +959,7 @@ class HTTPHandler(proactor.Handler):
         self.queued += len(resp.head) + size
         try:
             if resp.file_fd >= 0:
+                self.files += 1
                 conn.send(resp.head)
                 conn.sendfile(resp.file_fd, resp.file_offset, resp.file_count)
             elif resp.body:
@@ -950,16 +968,19 @@ class HTTPHandler(proactor.Handler):
                 conn.send(resp.head)
         except BrokenPipeError:
             self.session.close()             # the connection is going away
+        except OSError as e:
+            # The file could not be queued (EMFILE: no fd for the engine's copy) after its
+            # head was: the response cannot be completed, so the connection ends.
+            logger.warning("%r: %s; aborting the connection", conn, e)
+            self.session.close()
+            conn.abort()
         finally:
             resp.discard()
         if self.server.log_access and resp.status != 100:
             self._log(resp, size)
 
     def _log(self, resp: Response, size: int) -> None:
-        try:
-            peer = self.conn.peername[0]
-        except OSError:
-            peer = "-"
+        peer = self.peer
         req = resp.request
         line = (f"{req.method.decode()} {req.target.decode('latin-1')} HTTP/{req.version}"
                 if req is not None else "-")
@@ -975,7 +996,9 @@ class HTTPHandler(proactor.Handler):
                 return
             backlog = self.conn.get_write_buffer_size()
             if backlog:
-                # A response is on its way: the client must keep taking it.
+                # A response is on its way: the client must keep taking it; the idle
+                # time of a keep-alive connection begins once it has.
+                self.session.sending(now)
                 if backlog != self.backlog:
                     self.backlog, self.backlog_since = backlog, now
                 elif now - self.backlog_since > self.server.limits.send_timeout:
@@ -1021,6 +1044,12 @@ class HelloHandler(proactor.Handler):
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Answered as a plain request (upgrades are not offered); what follows would
+            # be another protocol: the connection ends after the reply.
+            self.closing = True
+            conn.close()
+            return
         except httptools.HttpParserError:
             self._bad()
             return
@@ -1091,16 +1120,18 @@ class ThreadedHelloHandler(HelloHandler):
         self.queued += len(self.RESPONSE)
 
 
-def fd_budget(max_connections: int) -> int:
+def fd_budget(max_connections: int, files: int = Limits.max_buffered_files) -> int:
     """``max_connections`` if the fd limit allows it, after raising the soft limit toward
-    the hard one; else the most it allows, with a warning. A connection can hold two fds
-    (its socket and the file of the response on its way) and the process needs some more."""
+    the hard one; else the most it allows, with a warning. A connection holds its socket,
+    the engine's copies of the ``files`` file bodies it may have queued, and the file of
+    the response being written; the process needs some more."""
     try:
         import resource
     except ImportError:                      # not on Windows
         return max_connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * max_connections + 64
+    per = 2 + files
+    want = per * max_connections + 64
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         try:
@@ -1109,7 +1140,7 @@ def fd_budget(max_connections: int) -> int:
         except (ValueError, OSError):
             pass
         if soft < want:
-            fit = max(1, (soft - 64) // 2)
+            fit = max(1, (soft - 64) // per)
             print(f"warning: the fd limit ({soft}) allows --max-connections {fit}, not "
                   f"{max_connections}; using {fit}", file=sys.stderr, flush=True)
             return fit
