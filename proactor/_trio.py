@@ -220,7 +220,8 @@ class TrioConnection(BaseConnection):
     handler (or the engine's thread)."""
 
     __slots__ = ("_sock", "_aborted", "_bp_paused", "_sd_paused", "_no_read", "_rpark",
-                 "_sendq", "_sendq_bytes", "_nfiles", "_writing", "_tasks", "_rscope", "_wscope")
+                 "_sendq", "_sendq_bytes", "_nfiles", "_writing", "_tasks", "_rscope", "_wscope",
+                 "_close_taken")
 
     def __init__(self, engine: TrioEngine, sock: socket.socket, server: Optional[TrioServer],
                  pool: Optional[WorkerPool]) -> None:
@@ -238,6 +239,10 @@ class TrioConnection(BaseConnection):
         self._tasks = 0                  # reader + writer tasks not yet exited
         self._rscope = trio.CancelScope()
         self._wscope: Any = None
+        # The engine's thread has taken the close. ``_closing`` is set at once by a close()
+        # from any thread, before the sends that thread posted ahead of it have run:
+        # finishing on ``_closing`` would drop them.
+        self._close_taken = False
 
     # -- sending
     def _send_now(self, data: Any) -> None:
@@ -326,7 +331,7 @@ class TrioConnection(BaseConnection):
     def _close_now(self, abort: bool) -> None:
         if self._closed:
             return
-        self._closing = True
+        self._closing = self._close_taken = True
         eng = self._engine
         self._rscope.cancel()                 # stop reading
         if abort:
@@ -351,11 +356,11 @@ class TrioConnection(BaseConnection):
 
     def _task_exited(self) -> None:
         self._tasks -= 1
-        if self._closing:
+        if self._close_taken:
             self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self._closed or not self._closing or self._tasks:
+        if self._closed or not self._close_taken or self._tasks:
             return
         if self._sendq and not self._aborted:
             return                            # still flushing (cannot happen: a writer runs)
@@ -805,6 +810,7 @@ class TrioEngine(BaseEngine):
         """Make ``c``'s handler, deliver ``connection_made``, start its reader."""
         self._conns.add(c)
         if not c._make_handler(factory):
+            c._close_taken = True
             self._ready.append((c._maybe_finish, ()))
             self._wake_sched()
             return False

@@ -456,3 +456,33 @@ def test_closing_thousands_at_once(engine):
     finally:
         for s in clients:
             s.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_send_then_close_from_the_handler_while_the_peer_sends(engine, workers):
+    """The handler answers the first data and closes while the peer is still sending its
+    request: the answer arrives, whatever thread the handler runs on. (On trio, a close()
+    from a worker could let the connection finish before the send posted ahead of it.)"""
+    reply = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    failed = []
+
+    class H(proactor.Handler):
+        answered = False
+
+        def data_received(self, conn, data):
+            if not self.answered:
+                self.answered = True
+                conn.send(reply)
+                conn.close()
+
+        def connection_lost(self, conn, exc):
+            if exc is not None:
+                failed.append(exc)
+
+    srv = engine.serve_tcp(H, "127.0.0.1", 0, workers=workers)
+    body = b"x" * 70000
+    for _ in range(40):
+        with connect(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"PUT / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            assert recv_exactly(s, len(reply)) == reply
+    assert failed == []
