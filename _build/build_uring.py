@@ -202,6 +202,7 @@ enum {
     C_FINISH = 2048,      /* queued to be finished at the next px_reap */
     C_RETRY = 4096,       /* an SQE could not be had: send/cancel/accept again next turn */
     C_SEND_SOON = 8192,   /* on the list of sends to issue at the next px_reap */
+    C_RESET = 16384,      /* aborted with a reset: the close sends RST, not FIN */
 };
 
 struct px_conn {
@@ -550,6 +551,11 @@ static void conn_finish(struct px_ring *r, int slot)
         shutdown(c->fd, SHUT_WR);
         for (int i = 0; i < 64 && recv(c->fd, sink, sizeof sink, MSG_DONTWAIT) > 0; i++)
             ;
+    } else if (c->flags & C_RESET) {
+        /* The connection is reset (RST, not FIN): the peer must not take a stream cut
+         * short for a whole one (a body that ends at the close). */
+        struct linger lg = { 1, 0 };
+        setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     }
     close(c->fd);
     chunks_free(c->head);
@@ -611,7 +617,7 @@ static void file_failed(struct px_ring *r, int slot, int err)
 {
     struct px_conn *c = CONN(r, slot);
     record_err(c, err, PX_K_FREAD);
-    c->flags |= C_CLOSING | C_ABORT;
+    c->flags |= C_CLOSING | C_ABORT | C_RESET;     /* the body is cut short */
     if (c->flags & C_READ) cancel_recv(r, slot);
     c->flags &= ~C_READ;
     conn_progress_close(r, slot);
@@ -788,6 +794,7 @@ int px_close(struct px_ring *r, int slot, uint32_t gen, int abort)
         c->flags &= ~C_READ;
     }
     if (abort) c->flags |= C_ABORT;
+    if (abort == 2 && !(c->flags & C_LISTENER)) c->flags |= C_RESET;
     conn_progress_close(r, slot);
     return 0;
 }

@@ -369,17 +369,16 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         self._held.clear()
         if self._conn is not None:
-            self._conn.abort()
+            self._conn._abort_quiet()          # a FIN, as asyncio's loops do
 
     def _force_close(self, exc: Optional[BaseException]) -> None:
         """Used by sslproto: close now; ``exc`` goes to connection_lost."""
         self._closing = True
         self._held.clear()
         if self._conn is not None:
-            if exc is not None:
-                self._conn._fail(exc)
-            else:
-                self._conn.abort()
+            if exc is not None and self._conn._fail_exc is None:
+                self._conn._fail_exc = exc
+            self._conn._abort_quiet()
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,
@@ -520,7 +519,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._listeners.clear()
         for c in list(eng._conns):
             if isinstance(c, UringConnection) and not c._closed:
-                c.abort()
+                c._abort_quiet()
             elif isinstance(c, UringServer):
                 c.close()
         for idx, op in list(eng._ops.items()):

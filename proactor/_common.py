@@ -223,6 +223,8 @@ class Timers:
 
 # Kinds of handler events queued to a worker pool.
 MADE, DATA, EOF, LOST = range(4)
+# How a connection closes (BaseConnection._close_now; the C layer's px_close too).
+GRACEFUL, ABORT, RESET = range(3)
 
 
 def run_handler_event(conn: Any, kind: int, arg: Any) -> None:
@@ -617,16 +619,23 @@ class BaseConnection:
         if self._closing or self._closed:
             return
         self._closing = True
-        self._engine._in_loop(self._close_now, False)
+        self._engine._in_loop(self._close_now, GRACEFUL)
 
     def abort(self) -> None:
-        """Close now: unsent data is dropped, in-flight requests are cancelled."""
+        """Close now: unsent data is dropped, in-flight requests are cancelled, and the
+        peer gets a reset (RST), so it cannot take what it received for all there was."""
         self._closing = True
-        self._engine._in_loop(self._close_now, True)
+        self._engine._in_loop(self._close_now, RESET)
 
-    def _close_now(self, abort: bool) -> None:
-        """Backend: stop reading and close, after the queued data unless ``abort`` (engine's
-        thread); ``connection_lost`` follows once everything in flight has ended."""
+    def _abort_quiet(self) -> None:
+        """``abort()`` ending with an orderly FIN, as asyncio's ``transport.abort()``."""
+        self._closing = True
+        self._engine._in_loop(self._close_now, ABORT)
+
+    def _close_now(self, abort: int) -> None:
+        """Backend: stop reading and close, after the queued data if ``abort`` is
+        ``GRACEFUL``, else now (with a reset if ``RESET``) (engine's thread);
+        ``connection_lost`` follows once everything in flight has ended."""
         raise NotImplementedError
 
     def _fail(self, exc: BaseException) -> None:

@@ -234,7 +234,7 @@ class UringConnection(BaseConnection):
             lib.px_resume_reading(self._engine._r, self._slot, self._gen)
 
     # -- closing
-    def _close_now(self, abort: bool) -> None:
+    def _close_now(self, abort: int) -> None:
         if not self._closed:
             lib.px_close(self._r, self._slot, self._gen, abort)
 

@@ -92,6 +92,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -106,6 +107,7 @@ from ._common import (
     EOF,
     LOST,
     MADE,
+    RESET,
     BaseConnection,
     BaseEngine,
     BaseServer,
@@ -213,6 +215,17 @@ def _linger_lite(sock: socket.socket) -> None:
         pass
 
 
+def _reset_on_close(sock: socket.socket) -> None:
+    """Make the close of an aborted connection a reset (RST, not FIN): the peer must not
+    take a stream cut short for a whole one (a body that ends at the close). As in the
+    io_uring engine."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                        struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0))
+    except OSError:
+        pass
+
+
 class TrioConnection(BaseConnection):
     """A TCP connection served by the engine. ``send``, ``writelines``, ``sendfile``,
     ``close``, ``abort``, ``when_drained``, ``resume_reading`` and
@@ -221,7 +234,7 @@ class TrioConnection(BaseConnection):
 
     __slots__ = ("_sock", "_aborted", "_bp_paused", "_sd_paused", "_no_read", "_rpark",
                  "_sendq", "_sendq_bytes", "_nfiles", "_writing", "_tasks", "_rscope", "_wscope",
-                 "_close_taken")
+                 "_close_taken", "_reset")
 
     def __init__(self, engine: TrioEngine, sock: socket.socket, server: Optional[TrioServer],
                  pool: Optional[WorkerPool]) -> None:
@@ -243,6 +256,7 @@ class TrioConnection(BaseConnection):
         # from any thread, before the sends that thread posted ahead of it have run:
         # finishing on ``_closing`` would drop them.
         self._close_taken = False
+        self._reset = False              # aborted with a reset (RST at the close)
 
     # -- sending
     def _send_now(self, data: Any) -> None:
@@ -328,7 +342,7 @@ class TrioConnection(BaseConnection):
             return
         super().abort()
 
-    def _close_now(self, abort: bool) -> None:
+    def _close_now(self, abort: int) -> None:
         if self._closed:
             return
         self._closing = self._close_taken = True
@@ -336,6 +350,7 @@ class TrioConnection(BaseConnection):
         self._rscope.cancel()                 # stop reading
         if abort:
             self._aborted = True
+            self._reset = self._reset or abort == RESET
             self._drop_queue()
             if self._wscope is not None:
                 self._wscope.cancel()
@@ -379,6 +394,8 @@ class TrioConnection(BaseConnection):
             pass
         if not self._aborted:
             _linger_lite(sock)
+        elif self._reset:
+            _reset_on_close(sock)
         sock.close()
         if self._drain_cbs:
             self._on_drained()

@@ -486,3 +486,19 @@ def test_send_then_close_from_the_handler_while_the_peer_sends(engine, workers):
             s.sendall(b"PUT / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
             assert recv_exactly(s, len(reply)) == reply
     assert failed == []
+
+
+def test_abort_resets_the_connection(engine):
+    """abort() ends the connection with a reset, not an orderly FIN: a peer reading a body
+    that ends at the close cannot take the cut one for a whole one."""
+    class H(proactor.Handler):
+        def data_received(self, conn, data):
+            conn.send(b"HTTP/1.0 200 OK\r\n\r\npartial")
+            conn.abort()
+
+    srv = engine.serve_tcp(H, "127.0.0.1", 0)
+    with connect(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            while s.recv(1 << 16):
+                pass
