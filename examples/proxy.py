@@ -909,7 +909,9 @@ class UpstreamPool:
         """A complete exchange on a connection that may be reused."""
         uc.client = None
         uc.resume()
-        if self.closed or uc.state != ACTIVE:
+        if self.closed or uc.state != ACTIVE or self.config.pool_size == 0:
+            # (without a pool every request asked the upstream to close: RFC 9112
+            # section 9.6, no request may follow on that connection)
             self.discard(uc)
             return
         for i, client in enumerate(self.waiters):

@@ -867,6 +867,32 @@ def test_pipelined_flood_pauses_reading(engine, make_upstream, make_proxy):
     assert [r.target for r in up.requests] == [f"/{i}".encode() for i in range(n)]
 
 
+def test_without_a_pool_no_connection_serves_two_requests(engine, make_upstream,
+                                                          make_proxy):
+    """pool_size=0 asks the upstream to close after each request, so no request may
+    follow on that connection (RFC 9112 section 9.6), not even one waiting for a
+    connection under max_connections, and whatever the response said: POSTs (never
+    retried) all succeed, none reuses a connection."""
+    up = make_upstream(lambda req: [0.2, ok(b"done"), 0.05, CLOSE])   # close not echoed
+    h = make_proxy(up.port, pool_size=0, max_connections=1)
+    results = []
+
+    def post() -> None:
+        with h.client() as c:
+            results.append(c.request(b"POST /p HTTP/1.1\r\nHost: t\r\n"
+                                     b"Content-Length: 2\r\n\r\nhi").status)
+
+    threads = [threading.Thread(target=post) for _ in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.03)
+    for t in threads:
+        t.join(20)
+    assert results == [200, 200, 200]
+    st = h.wait_stats(clients=0)
+    assert (st.created, st.reused) == (3, 0)
+
+
 def test_pool_size_limits_idle_connections(engine, make_upstream, make_proxy):
     """6 requests at once need 6 upstream connections; afterwards at most pool_size=2 of
     them stay idle, the rest are closed."""
@@ -1214,6 +1240,23 @@ def test_upstream_fails_mid_body_aborts_client(engine, make_upstream, make_proxy
             c.response()
     st = h.wait_stats(clients=0)
     assert (st.aborted, st.failed, st.bad_gateway) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("end", [CLOSE, RESET])
+def test_a_cut_body_that_ends_at_the_close_ends_with_a_reset(engine, make_upstream,
+                                                             make_proxy, end):
+    """An HTTP/1.0 client reads the body until the close: when the upstream's chunked
+    body is cut short, its connection ends with a reset, not the FIN that would end a
+    whole body."""
+    up = make_upstream(lambda req: [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"5\r\nhello\r\n100\r\npartial", 0.05, end])
+    h = make_proxy(up.port)
+    with connect(("127.0.0.1", h.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            while s.recv(1 << 16):
+                pass
+    assert h.wait_stats(clients=0).aborted == 1
 
 
 def test_invalid_response_gives_502(engine, make_upstream, make_proxy):
