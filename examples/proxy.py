@@ -95,6 +95,11 @@ REPLAY_LIMIT = 64 * 1024
 #: forwarded. Transfer-Encoding is hop-by-hop too; it is handled where the body is.
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
                         b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization"))
+#: What a Host value may hold (RFC 3986: reg-name or IP literal, then a port).
+_HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                        b"-._~!$&'()*+,;=:%[]")
+#: This proxy's entry in the Via field of the requests it forwards.
+VIA = b"Via: 1.1 proactor\r\n"
 #: Never dropped because a peer named them in ``Connection``: they frame or route messages.
 PROTECTED = frozenset((b"host", b"content-length", b"transfer-encoding"))
 #: Methods retried once on a fresh connection when a reused one failed before answering.
@@ -484,13 +489,22 @@ class RequestReader(_Reader):
                    for _, low, v in fields):
                 raise self._fail(501, "an Upgrade offer with a request body is not supported")
         url = self._url
-        http10 = p.get_http_version() == "1.0"
-        # Several Transfer-Encoding lines are one list (the parser reads them so); one
-        # line goes upstream, so that no upstream can read them otherwise.
+        version = p.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise self._fail(505, f"HTTP/{version} is not supported")
+        http10 = version == "1.0"
+        keep_alive = p.should_keep_alive()
+        # Several Transfer-Encoding lines are one list (the parser reads them so). Only
+        # "chunked" is understood (RFC 9112 section 6.1: 501 for other codings), and
+        # one "chunked" line goes upstream: no upstream can read the framing otherwise.
         te = combined(fields, b"transfer-encoding")
-        chunked = te is not None and is_chunked(te)  # the parser refuses other last codings
-        if te is not None:
-            fields = merge_fields(fields, b"transfer-encoding", te)
+        chunked = te is not None
+        if chunked:
+            if [c.strip().lower() for c in te.split(b",") if c.strip()] != [b"chunked"]:
+                raise self._fail(501, "only the chunked transfer coding is supported")
+            fields = merge_fields(fields, b"transfer-encoding", b"chunked")
+            if http10:
+                keep_alive = False       # RFC 9112 section 6.1: faulty framing, close after
         xff = self.forwarded_for
         if xff is not None:
             # One line, the client's address last, whatever lines the client sent: with
@@ -506,17 +520,20 @@ class RequestReader(_Reader):
         for name, low, value in fields:
             if low == b"host":
                 hosts += 1
+                if not _HOST_CHARS.issuperset(value):
+                    raise self._fail(400, "invalid Host header")
             lines.append(name + b": " + value + b"\r\n")
         if hosts > 1 or (hosts == 0 and not http10):     # RFC 9112 section 3.2
             raise self._fail(400, "an HTTP/1.1 request needs exactly one Host header")
         if not hosts:
             lines.append(b"Host: " + self.default_host + b"\r\n")
+        lines.append(VIA)                    # RFC 9110 section 7.6.3
         if xff is not None:
             lines.append(b"X-Forwarded-For: " + xff + b"\r\n")
         if self.upstream_close:
             lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
-        req = Request(method, url, http10, p.should_keep_alive(), b"".join(lines), chunked)
+        req = Request(method, url, http10, keep_alive, b"".join(lines), chunked)
         self._req = req
         self.sink.on_request(req)
 
@@ -646,6 +663,8 @@ class ResponseReader(_Reader):
         self.in_head = False
         p = self.parser
         status = self.status = p.get_status_code()
+        if not 100 <= status <= 599:          # RFC 9110 section 15
+            raise self._fail(f"invalid status code {status}")
         if status < 200:
             if status == 101:
                 raise self._fail("101 Switching Protocols without an Upgrade request")
@@ -657,6 +676,17 @@ class ResponseReader(_Reader):
         connection = None
         fields = forwarded_headers(self._headers)
         te = combined(fields, b"transfer-encoding")
+        if (te is not None and self.client_http10 and not no_body
+                and [c.strip().lower() for c in te.split(b",") if c.strip()] != [b"chunked"]):
+            # An HTTP/1.0 client knows no transfer coding: the chunked one is undone
+            # here, any other would reach it still applied, its header dropped.
+            raise self._fail("a transfer coding an HTTP/1.0 client cannot read")
+        if status == 204 or status == 304:
+            # No body: framing fields are not for the client (RFC 9110 section 8.6,
+            # RFC 9112 section 6.1); a 304's Content-Length may describe the resource.
+            fields = [f for f in fields if f[1] != b"transfer-encoding"
+                      and (status == 304 or f[1] != b"content-length")]
+            te = None
         if not no_body:
             framing = self._framing(fields, te)
             if framing == b"chunked" and self.client_http10:

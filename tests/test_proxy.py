@@ -391,15 +391,16 @@ def test_request_reader_rebuilds_heads_and_frames_bodies():
                      "request", "body", "end"]
     get, post, put = (r for k, r in sink.events if k == "request")
     assert get.head == (b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n"
-                        b"X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-End: e\r\n\r\n")
+                        b"X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-End: e\r\n"
+                        b"Via: 1.1 proactor\r\n\r\n")
     assert get.keep_alive and not get.http10 and get.replay is not None
     assert post.head == (b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
-                         b"X-Forwarded-For: 192.0.2.7\r\n\r\n")
+                         b"Via: 1.1 proactor\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
     assert post.replay is None                  # not retried: not idempotent
     assert [d for k, d in sink.events[3:5]] == [b"hel", b"lo"]
     assert put.http10 and not put.keep_alive and put.chunked
     assert put.head == (b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: 10.1.2.3:8080\r\n"
-                        b"X-Forwarded-For: 192.0.2.7\r\n\r\n")
+                        b"Via: 1.1 proactor\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
     assert sink.events[7] == ("body", b"3\r\nabc\r\n")
     assert sink.events[8] == ("end", b"0\r\nX-T: 1\r\n\r\n")
 
@@ -434,21 +435,50 @@ def test_request_reader_refuses(raw, status):
 
 def test_request_reader_merges_list_headers():
     """Two X-Forwarded-For lines become one, the client's address last (appended to the
-    first, the last entry seen upstream would be the client's own word); several
-    Transfer-Encoding lines go upstream as one."""
+    first, the last entry seen upstream would be the client's own word); the
+    Transfer-Encoding goes upstream as exactly "chunked"."""
     sink = Sink()
     config = proxy_mod.ProxyConfig("127.0.0.1", 1, forwarded_for=True)
     reader = proxy_mod.RequestReader(sink, config, b"192.0.2.7")
     reader.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\nX-A: a\r\n"
                 b"X-Forwarded-For: 6.6.6.6\r\n\r\n"
-                b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
+                b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:  Chunked \r\n\r\n"
+                b"2\r\nab\r\n0\r\n\r\n")
     get, post = (r for k, r in sink.events if k == "request")
     assert get.head == (b"GET / HTTP/1.1\r\nHost: h\r\n"
-                        b"X-Forwarded-For: 10.0.0.1, 6.6.6.6, 192.0.2.7\r\nX-A: a\r\n\r\n")
+                        b"X-Forwarded-For: 10.0.0.1, 6.6.6.6, 192.0.2.7\r\nX-A: a\r\n"
+                        b"Via: 1.1 proactor\r\n\r\n")
     assert post.chunked and post.head == (
-        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n"
-        b"X-Forwarded-For: 192.0.2.7\r\n\r\n")
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+        b"Via: 1.1 proactor\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
+
+
+@pytest.mark.parametrize("raw, status", [
+    # codings other than chunked are not understood (RFC 9112 section 6.1), whatever an
+    # upstream would make of them
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity, chunked\r\n\r\n", 501),
+    (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+    (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\"b\r\n\r\n", 400),
+])
+def test_request_reader_refuses_framing_it_cannot_vouch_for(raw, status):
+    reader = proxy_mod.RequestReader(Sink(), proxy_mod.ProxyConfig("127.0.0.1", 1))
+    with pytest.raises(proxy_mod.RequestError) as e:
+        reader.feed(raw)
+    assert e.value.status == status
+
+
+def test_request_reader_http10_with_transfer_encoding_closes_after():
+    """RFC 9112 section 6.1: an HTTP/1.0 request with Transfer-Encoding has faulty
+    framing: it is answered, then the client's connection closes."""
+    sink = Sink()
+    reader = proxy_mod.RequestReader(sink, proxy_mod.ProxyConfig("127.0.0.1", 1))
+    reader.feed(b"POST / HTTP/1.0\r\nConnection: keep-alive\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n")
+    (req,) = (r for k, r in sink.events if k == "request")
+    assert req.http10 and req.chunked and not req.keep_alive
 
 
 def test_request_reader_drops_upgrade_offers():
@@ -464,11 +494,12 @@ def test_request_reader_drops_upgrade_offers():
     reader.feed(h2c + post + ws + h2c[:30])
     reader.feed(h2c[30:])
     heads = [r.head for k, r in sink.events if k == "request"]
-    assert heads == [b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n",
-                     b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n",
+    via = b"Via: 1.1 proactor\r\n\r\n"
+    assert heads == [b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n" + via,
+                     b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n" + via,
                      b"GET /ws HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Key: a2V5\r\n"
-                     b"Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n",
-                     b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n"]
+                     b"Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n" + via,
+                     b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n" + via]
     assert [k for k, _ in sink.events] == ["request", "end", "request", "body", "end",
                                            "request", "end", "request", "end"]
     assert not reader.in_message
@@ -516,6 +547,28 @@ def test_response_reader_several_transfer_encodings(codings, out_te, chunked_out
         assert out == (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\nX-A: a\r\n"
                        b"Connection: close\r\n\r\n" % out_te + body)
         assert not r.done and r.eof() and not r.reusable
+
+
+@pytest.mark.parametrize("raw, kw", [
+    (b"HTTP/1.1 099 Odd\r\nContent-Length: 4\r\n\r\nJUNK", {}),       # RFC 9110 section 15
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz", {"client_http10": True}),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nzz\r\n0\r\n\r\n",
+     {"client_http10": True}),
+])
+def test_response_reader_refuses_what_the_client_cannot_read(raw, kw):
+    r = proxy_mod.ResponseReader(**kw)
+    with pytest.raises(proxy_mod.ResponseError):
+        r.feed(raw)
+
+
+def test_response_reader_204_and_304_lose_framing_fields():
+    for framing in (b"Content-Length: 0", b"Transfer-Encoding: chunked"):
+        r = proxy_mod.ResponseReader()
+        out = b"".join(r.feed(b"HTTP/1.1 204 No Content\r\n%s\r\nX-A: a\r\n\r\n" % framing))
+        assert out == b"HTTP/1.1 204 No Content\r\nX-A: a\r\n\r\n" and r.done
+    r = proxy_mod.ResponseReader()
+    out = b"".join(r.feed(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n"))
+    assert out == b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n" and r.done
 
 
 def test_response_reader_framing():
@@ -580,7 +633,8 @@ def test_get_byte_exact_and_one_upstream_connection(engine, make_upstream, make_
     st = h.wait_stats(idle=1)
     assert (st.created, st.reused, st.requests) == (1, n - 1, n)
     assert up.accepted == 1
-    assert all(r.headers == [(b"Host", b"t")] for r in up.requests)    # nothing added
+    # nothing added but the proxy's Via entry
+    assert all(r.headers == [(b"Host", b"t"), (b"Via", b"1.1 proactor")] for r in up.requests)
 
 
 def test_request_bodies_byte_exact(engine, make_upstream, make_proxy):
@@ -723,7 +777,7 @@ def test_hop_by_hop_headers(engine, make_upstream, make_proxy):
         assert r.status == 200 and r.header(b"x-kept") == b"1"
         assert {n for n, _ in r.headers} == {b"x-kept", b"content-length"}
         got = up.requests[-1]
-        assert got.names == {b"host", b"x-forwarded-for", b"x-other"}
+        assert got.names == {b"host", b"x-forwarded-for", b"x-other", b"via"}
         assert got.header(b"host") == b"example.test"
         assert got.header(b"x-forwarded-for") == b"10.0.0.1, 127.0.0.1"
         assert got.http_version == b"1.1"
@@ -1176,8 +1230,8 @@ def test_upgrade_offer_is_dropped(engine, make_upstream, make_proxy):
         assert [c.response().body for _ in range(3)] == [b"/h2c", b"/next", b"/ws"]
         assert c.get("/last").body == b"/last"
     h2c_got, _, ws_got, _ = up.requests
-    assert h2c_got.names == {b"host"}
-    assert ws_got.names == {b"host", b"sec-websocket-key", b"sec-websocket-version"}
+    assert h2c_got.names == {b"host", b"via"}
+    assert ws_got.names == {b"host", b"sec-websocket-key", b"sec-websocket-version", b"via"}
     assert h.wait_stats(clients=0).created == 1
 
 
