@@ -1320,7 +1320,9 @@ class ClientConnection(proactor.Handler):
         try:
             out = resp.feed(data)
         except (httptools.HttpParserError, ResponseError) as e:
-            self.upstream_broken(uc, f"invalid response: {e}")
+            # No head parsed on a reused connection: bytes left there by the exchange
+            # before (after a 204, say), not an answer; the request may be retried.
+            self.upstream_broken(uc, f"invalid response: {e}", unanswered=resp.status == 0)
             return
         if resp.head_sent and not self.sending.complete:
             # The final response began before the whole request was sent: the upstream
@@ -1387,16 +1389,18 @@ class ClientConnection(proactor.Handler):
         self._finish(close=resp.client_close or not req.keep_alive)
         self._next()
 
-    def upstream_broken(self, uc: UpstreamConnection, why: str) -> None:
-        """The upstream connection failed before the response was complete."""
+    def upstream_broken(self, uc: UpstreamConnection, why: str,
+                        unanswered: bool = False) -> None:
+        """The upstream connection failed before the response was complete
+        (``unanswered``: before a response head came, even if bytes did)."""
         if uc is not self.upstream:
             return
         _, req, resp = self._detach()
         self.pool.fail(uc)
         if self.closing:
             return
-        if (self.reused and not resp.started and not self.retried and req.complete
-                and req.replay is not None):
+        if (self.reused and (unanswered or not resp.started) and not self.retried
+                and req.complete and req.replay is not None):
             self.retried = True
             self.proxy.counters.retried += 1
             logger.info("%s %s: the reused upstream connection failed before answering "

@@ -1313,6 +1313,27 @@ def test_a_cut_body_that_ends_at_the_close_ends_with_a_reset(engine, make_upstre
     assert h.wait_stats(clients=0).aborted == 1
 
 
+def test_bytes_left_after_a_bodiless_response_do_not_answer_the_next(engine, make_upstream,
+                                                                      make_proxy):
+    """An upstream sends bytes after a 204, in a write of their own, once the next request
+    (pipelined) is already on that connection: they come where its response should, and
+    the GET is retried on a fresh connection rather than answered 502. (On an idle
+    pooled connection such bytes get it dropped.)"""
+    def answer(req: Any) -> list:
+        if req.target == b"/204":
+            return [b"HTTP/1.1 204 No Content\r\n\r\n", 0.1, b"JUNK"]
+        return [0.2, ok(b"fine")]
+    up = make_upstream(answer)
+    h = make_proxy(up.port)
+    with h.client() as c:
+        c.send(get_req("/204") + get_req("/next"))
+        assert c.response().status == 204
+        r = c.response()
+        assert (r.status, r.body) == (200, b"fine")
+    st = h.wait_stats(clients=0)
+    assert (st.retried, st.bad_gateway, st.created) == (1, 0, 2)
+
+
 def test_invalid_response_gives_502(engine, make_upstream, make_proxy):
     up = make_upstream(lambda req: [b"SPLAT 200 OK\r\n\r\n"])
     h = make_proxy(up.port)
