@@ -47,6 +47,7 @@ import weakref
 from asyncio import base_events, constants, exceptions, sslproto, transports
 from typing import Any, Callable, Optional
 
+from ._common import ABORT
 from ._errors import os_error
 
 logger = logging.getLogger("proactor")
@@ -142,6 +143,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
     # -- the engine-level handler
     def connection_made(self, conn: Any) -> None:
         self._conn = conn
+        conn._abort_how = ABORT                # abort() ends with a FIN, as asyncio's loops do
         conn._data_received = self._on
         if self._sock is None:                 # accepted by the engine: a view of its fd
             self._sock = socket.socket(fileno=conn._fd)
@@ -369,16 +371,17 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         self._held.clear()
         if self._conn is not None:
-            self._conn._abort_quiet()          # a FIN, as asyncio's loops do
+            self._conn.abort()
 
     def _force_close(self, exc: Optional[BaseException]) -> None:
         """Used by sslproto: close now; ``exc`` goes to connection_lost."""
         self._closing = True
         self._held.clear()
         if self._conn is not None:
-            if exc is not None and self._conn._fail_exc is None:
-                self._conn._fail_exc = exc
-            self._conn._abort_quiet()
+            if exc is not None:
+                self._conn._fail(exc)
+            else:
+                self._conn.abort()
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,
@@ -519,7 +522,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._listeners.clear()
         for c in list(eng._conns):
             if isinstance(c, UringConnection) and not c._closed:
-                c._abort_quiet()
+                c.abort()
             elif isinstance(c, UringServer):
                 c.close()
         for idx, op in list(eng._ops.items()):

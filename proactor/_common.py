@@ -261,7 +261,9 @@ class WorkerPool:
     so no two workers ever run the same connection and its events stay in order, while
     different connections spread over the workers. ``pending`` counts queued events: the
     I/O thread stops reading from connections while it is above ``max_queue`` and
-    resumes them when the workers have brought it under half of that.
+    resumes them when the workers have brought it under half of that. The data and EOF
+    of a connection its handler paused are held aside (``_wheld``, not in ``pending``:
+    what was read before the pause took effect) until ``resume_reading()``.
     """
 
     def __init__(self, engine: Any, workers: int, max_queue: int = 4096) -> None:
@@ -438,7 +440,7 @@ class BaseConnection:
 
     __slots__ = ("_engine", "_fd", "_handler", "_data_received", "_wpool", "_wq", "_wsched",
                  "_closing", "_closed", "_fail_exc", "_user_paused", "_drain_cbs", "_bidx",
-                 "_wheld", "server", "__weakref__")
+                 "_wheld", "_abort_how", "server", "__weakref__")
 
     def __init__(self, engine: Any, fd: int, server: Any, pool: Optional[WorkerPool]) -> None:
         self._engine = engine
@@ -449,6 +451,7 @@ class BaseConnection:
         self._wq: list = []              # the worker pool's queue of this connection
         self._wsched = False             # on the pool's ready queue
         self._wheld: Optional[deque] = None   # the pool's events held while paused
+        self._abort_how = RESET          # ABORT for asyncio's transports: a FIN, as asyncio
         self._closing = False
         self._closed = False
         self._fail_exc: Optional[BaseException] = None
@@ -625,12 +628,7 @@ class BaseConnection:
         """Close now: unsent data is dropped, in-flight requests are cancelled, and the
         peer gets a reset (RST), so it cannot take what it received for all there was."""
         self._closing = True
-        self._engine._in_loop(self._close_now, RESET)
-
-    def _abort_quiet(self) -> None:
-        """``abort()`` ending with an orderly FIN, as asyncio's ``transport.abort()``."""
-        self._closing = True
-        self._engine._in_loop(self._close_now, ABORT)
+        self._engine._in_loop(self._close_now, self._abort_how)
 
     def _close_now(self, abort: int) -> None:
         """Backend: stop reading and close, after the queued data if ``abort`` is

@@ -72,6 +72,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from ._common import (
+    ABORT,
     DATA,
     EOF,
     LOST,
@@ -141,10 +142,8 @@ def _sockaddr(address: Any, family: int) -> bytes:
 
 
 class UringConnection(BaseConnection):
-    """A TCP connection served by the engine. ``send``, ``writelines``, ``sendfile``,
-    ``close``, ``abort``, ``when_drained``, ``resume_reading`` and
-    ``get_write_buffer_size`` may be called from any thread; everything else from the
-    handler (or the engine's thread)."""
+    """A TCP connection served by the engine (see :class:`BaseConnection` for which
+    methods any thread may call)."""
 
     __slots__ = ("_r", "_slot", "_gen", "_tid", "_held")
 
@@ -203,13 +202,16 @@ class UringConnection(BaseConnection):
 
     # -- reading
     def _set_reading(self, on: bool) -> None:
-        if on:
-            if self._held:
-                self._engine.call_soon(self._release_held)   # the held events first
-            else:
-                lib.px_resume_reading(self._r, self._slot, self._gen)
-        else:
+        # Follows the state, not ``on``: a pause and a resume posted from two threads
+        # may arrive in either order.
+        if self._closing:
+            return
+        if self._user_paused:
             lib.px_pause_reading(self._r, self._slot, self._gen)
+        elif self._held:
+            self._engine.call_soon(self._release_held)       # the held events first
+        else:
+            lib.px_resume_reading(self._r, self._slot, self._gen)
 
     def _hold(self, kind: int, arg: Any) -> None:
         if self._held is None:
@@ -280,7 +282,7 @@ class UringServer(BaseServer):
     def _close_now(self) -> None:
         eng = self._engine
         for slot in self._slots:
-            lib.px_close(eng._r, slot, lib.px_conn_gen(eng._r, slot), 1)
+            lib.px_close(eng._r, slot, lib.px_conn_gen(eng._r, slot), ABORT)
 
     def _rearm(self, slot: int) -> None:
         if not self._closing and self._engine._r is not None:

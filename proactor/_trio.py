@@ -227,10 +227,8 @@ def _reset_on_close(sock: socket.socket) -> None:
 
 
 class TrioConnection(BaseConnection):
-    """A TCP connection served by the engine. ``send``, ``writelines``, ``sendfile``,
-    ``close``, ``abort``, ``when_drained``, ``resume_reading`` and
-    ``get_write_buffer_size`` may be called from any thread; everything else from the
-    handler (or the engine's thread)."""
+    """A TCP connection served by the engine (see :class:`BaseConnection` for which
+    methods any thread may call)."""
 
     __slots__ = ("_sock", "_aborted", "_bp_paused", "_sd_paused", "_no_read", "_rpark",
                  "_sendq", "_sendq_bytes", "_nfiles", "_writing", "_tasks", "_rscope", "_wscope",
