@@ -43,8 +43,8 @@ Bounds, so that no client can grow the server's memory or hold up the others:
   ``--max-clients`` connections at once; a nickname must be chosen within
   ``--login-timeout`` seconds.
 
-So the chat's memory is bounded by about ``--max-clients`` x (one read or
-``--max-line``, whichever is larger, +
+So the chat's memory is bounded by about ``--max-clients`` x (one read +
+``--max-line`` +
 4 x ``--max-output`` + what two engine turns queue for a member), however the clients
 behave.
 

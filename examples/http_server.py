@@ -58,6 +58,7 @@ import errno  # noqa: E402
 import html  # noqa: E402
 import logging  # noqa: E402
 import mimetypes  # noqa: E402
+import re  # noqa: E402
 import stat  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -89,6 +90,10 @@ class Limits:
     max_buffered_output: int = 1 << 20  # queued response bytes before pipelining waits
     max_buffered_files: int = 1         # file bodies queued (each holds an fd) -> waits
 
+    def __post_init__(self) -> None:
+        if self.max_buffered_files < 1 or self.max_buffered_output < 1:
+            raise ValueError("max_buffered_files and max_buffered_output must be >= 1")
+
 
 # ----------------------------------------------------------------------- the protocol
 
@@ -104,6 +109,10 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 KNOWN_METHODS = frozenset((b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE",
                            b"CONNECT"))
 # A Host value: reg-name / IPv4 / IP-literal, with an optional port (RFC 3986 section 3.2.2).
+#: The three forms of an HTTP date (RFC 9110 section 5.6.7): IMF-fixdate, RFC 850, asctime.
+_HTTP_DATE = re.compile(rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT"
+                        rb"|[A-Z][a-z]{5,8}, \d\d-[A-Z][a-z]{2}-\d\d \d\d:\d\d:\d\d GMT"
+                        rb"|[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                         b"-._~%!$&'()*+,;=:[]")
 _good_hosts: set = set()  # values seen valid (a few; a set lookup instead of a scan)
@@ -365,6 +374,7 @@ class HTTPSession:
 
     def on_headers_complete(self) -> None:
         self.state = BODY
+        self._moved = True                   # the body begins in this feed: counted after
         h = self._headers
         self._version = version = self.parser.get_http_version()
         if version not in ("1.1", "1.0"):
@@ -768,7 +778,7 @@ def parse_http_date(value: bytes) -> Optional[float]:
     """The POSIX time of an HTTP date, or None if it is not one valid date (RFC 9110
     section 5.6.7: IMF-fixdate, RFC 850 or asctime, all in GMT; a field holding several,
     as repeated fields are joined, is not valid: section 13.1.3)."""
-    if value.count(b",") > 1:
+    if not _HTTP_DATE.fullmatch(value):
         return None
     try:
         t = email.utils.parsedate_tz(value.decode("latin-1"))
@@ -800,12 +810,18 @@ def parse_range(value: bytes, size: int) -> Any:
         n = min(n, size)
         return size - n, n
     start = _position(first)
-    if last and _position(last) < start:
+    if last and _order(last) < _order(first):
         return None
     if start >= size:
         return "unsatisfiable"
     end = min(_position(last), size - 1) if last else size - 1
     return start, end - start + 1
+
+
+def _order(digits: bytes) -> tuple:
+    """A key that orders byte positions of any length as their values."""
+    digits = digits.lstrip(b"0")
+    return len(digits), digits
 
 
 def _position(digits: bytes) -> int:
@@ -830,6 +846,11 @@ class HTTPServer:
         self.handlers: set = set()
         self._lock = threading.Lock()
         self._sweeper: Any = None
+        self.engine_thread: Optional[int] = None     # learnt at the engine's first turn
+        engine.call_soon(self._learn_thread)
+
+    def _learn_thread(self) -> None:
+        self.engine_thread = threading.get_ident()
 
     def handler(self) -> HTTPHandler:
         return HTTPHandler(self)
@@ -880,12 +901,17 @@ class HTTPHandler(proactor.Handler):
         self.waiting = False                 # paused until the output drains
         self.queued = 0                      # bytes handed to the connection since then
         self.files = 0                       # and file bodies
+        self.watching = False                # a when_drained(_output_sent) is due
+        self.inline = False                  # runs on the engine's thread
         self.peer = "-"                      # the client's address, for the access log
         self.backlog = 0                     # queued output at the last sweep
         self.backlog_since = 0.0             # ... unchanged since then
 
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
+        # Inline (on the engine's thread) the connection's queue is known exactly; from a
+        # worker, sends are posted and not queued yet.
+        self.inline = threading.get_ident() == self.server.engine_thread
         if self.server.log_access:
             try:
                 self.peer = conn.peername[0]
@@ -920,6 +946,8 @@ class HTTPHandler(proactor.Handler):
         session, conn = self.session, self.conn
         if self.waiting:
             return
+        if self.files and self.inline and not conn.get_write_buffer_size():
+            self.queued = self.files = 0     # all gone out (requests come one by one)
         first = True
         while session.pending:
             # ``queued``, not conn.get_write_buffer_size(): from a worker thread a send is
@@ -953,6 +981,13 @@ class HTTPHandler(proactor.Handler):
             if not self.waiting and not self.conn.closed:   # else a new when_drained is due
                 self.conn.resume_reading()
 
+    def _output_sent(self) -> None:
+        """Everything handed to the connection so far has gone out (engine's thread)."""
+        with self.lock:
+            self.watching = False
+            if not self.waiting:             # else _drained() is due and resets
+                self.queued = self.files = 0
+
     def _write(self, resp: Response) -> None:
         conn = self.conn
         size = resp.body_size
@@ -962,6 +997,12 @@ class HTTPHandler(proactor.Handler):
                 self.files += 1
                 conn.send(resp.head)
                 conn.sendfile(resp.file_fd, resp.file_offset, resp.file_count)
+                if not self.inline and not self.watching:
+                    # To know when it has gone out: cheaper than a pause when requests
+                    # come one by one. After the sends: from a worker thread all three
+                    # are posted, and the engine takes them in order.
+                    self.watching = True
+                    conn.when_drained(self._output_sent)
             elif resp.body:
                 conn.send(resp.head + resp.body)
             else:

@@ -266,6 +266,12 @@ def is_chunked(transfer_encoding: bytes) -> bool:
     return transfer_encoding.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
 
 
+def only_chunked(transfer_encoding: bytes) -> bool:
+    """True if a Transfer-Encoding value is the chunked coding alone."""
+    codings = [c.strip().lower() for c in transfer_encoding.split(b",") if c.strip()]
+    return codings == [b"chunked"]
+
+
 def chunk(data: bytes) -> bytes:
     """``data`` as one chunk of a chunked body."""
     return b"%x\r\n%s\r\n" % (len(data), data)
@@ -500,7 +506,7 @@ class RequestReader(_Reader):
         te = combined(fields, b"transfer-encoding")
         chunked = te is not None
         if chunked:
-            if [c.strip().lower() for c in te.split(b",") if c.strip()] != [b"chunked"]:
+            if not only_chunked(te):
                 raise self._fail(501, "only the chunked transfer coding is supported")
             fields = merge_fields(fields, b"transfer-encoding", b"chunked")
             if http10:
@@ -676,8 +682,7 @@ class ResponseReader(_Reader):
         connection = None
         fields = forwarded_headers(self._headers)
         te = combined(fields, b"transfer-encoding")
-        if (te is not None and self.client_http10 and not no_body
-                and [c.strip().lower() for c in te.split(b",") if c.strip()] != [b"chunked"]):
+        if te is not None and self.client_http10 and not no_body and not only_chunked(te):
             # An HTTP/1.0 client knows no transfer coding: the chunked one is undone
             # here, any other would reach it still applied, its header dropped.
             raise self._fail("a transfer coding an HTTP/1.0 client cannot read")

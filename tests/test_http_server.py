@@ -251,6 +251,9 @@ def test_conditional_and_range(site):
     r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=%s-\r\n\r\n"
                      % (b"9" * 5000))
     assert r.status == 416 and not r.close
+    r = status_of(s, b"GET /f4096.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=%s-%s\r\n\r\n"
+                     % (b"2" + b"0" * 30, b"1" + b"0" * 30))    # last before first: ignored
+    assert r.status == 200 and r.file_count == 4096
 
 
 def test_a_name_too_long_for_the_file_system_is_not_found(site):
@@ -418,12 +421,20 @@ def test_the_root_of_the_file_system_as_root(tmp_path, openat2):
     assert r.status == 200 and r.file_count == 2
 
 
-def test_dates_are_gmt_and_one_only(site):
+def test_dates_are_gmt_and_one_only(site, monkeypatch):
     """An asctime date (no zone) is GMT whatever the server's zone; a field with two
-    dates (repeated fields are joined) is not a valid date and is ignored; a file dated
-    in the future is served as last modified now (RFC 9110 sections 5.6.7, 13.1.3,
-    8.8.2.1)."""
-    assert hs.parse_http_date(b"Sun Nov  6 08:49:37 1994") == 784111777
+    dates (repeated fields are joined) or another zone is not a valid date and is
+    ignored (RFC 9110 sections 5.6.7, 13.1.3)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert hs.parse_http_date(b"Sun Nov  6 08:49:37 1994") == 784111777
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    for bad in (b"Sun Nov  6 08:49:37 1994, Mon Nov  7 08:49:37 1994",
+                b"Sun, 06 Nov 1994 08:49:37 +0200", b"Sun, 06 Nov 1994 08:49:37 EST"):
+        assert hs.parse_http_date(bad) is None, bad
     assert hs.parse_http_date(b"Sunday, 06-Nov-94 08:49:37 GMT") == 784111777
     assert hs.parse_http_date(b"Sun, 06 Nov 1994 08:49:37 GMT") == 784111777
     both = b"Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:49:37 GMT"
@@ -466,6 +477,24 @@ def test_http10_request_with_transfer_encoding_closes_after_its_answer(site):
     r = s.next_response()
     assert r.status == 200 and r.close and b"Connection: close\r\n" in r.head
     assert s.next_response() is None
+
+
+def test_a_large_head_and_a_chunk_line_in_one_read_are_not_431(site):
+    """Bytes of the head fed with the body's first chunk line do not count as bytes the
+    body's framing held (the head's own bound applies to them)."""
+    root, _ = site
+    s = session_for(root)
+    head = (b"POST /f1.bin HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+            + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 200) for i in range(45)) + b"\r\n")
+    assert 9000 < len(head) < hs.Limits().max_header_bytes
+    s.feed(b"GET /" + b"a" * 7000 + b" HTTP/1.1\r\nHost: t\r\n\r\n" + head + b"5\r\n")
+    s.feed(b"hello\r\n0\r\n\r\n")
+    assert [r.status for r in iter(s.next_response, None)] == [404, 405]
+
+
+def test_limits_refuse_a_zero_file_budget():
+    with pytest.raises(ValueError):
+        hs.Limits(max_buffered_files=0)
 
 
 def test_endless_trailer_field_is_refused(site):
