@@ -571,3 +571,37 @@ def test_pause_and_resume_from_another_thread_keep_order(engine, workers):
         t.join(10)
     assert bad == []
     assert bytes(got) == payload
+
+
+def test_a_stale_resume_does_not_restart_reading_of_a_paused_connection(engine):
+    """A resume and a pause posted from two threads can reach the engine's thread in
+    either order: a resume that arrives after the connection was paused again must not
+    turn reading back on (the data would pile up held, unbounded, while paused)."""
+    got = []
+    conns: list = []
+
+    class H(proactor.Handler):
+        def data_received(self, conn, data):
+            got.append(len(data))
+            conn.pause_reading()
+            conns.append(conn)
+
+    srv = engine.serve_tcp(H, "127.0.0.1", 0)
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"a")
+        wait_until(lambda: conns)
+        conn = conns[0]
+        # the stale resume, as the engine's thread runs it when it comes last
+        on_engine_thread(engine, lambda: conn._set_reading(True))
+        before = engine.stats().bytes_in
+        s.setblocking(False)
+        try:
+            for _ in range(400):
+                s.send(b"b" * 65536)
+        except BlockingIOError:
+            pass
+        time.sleep(0.3)
+        assert got == [1]
+        # the kernel's buffers hold what was sent; the engine read (and held) little
+        assert engine.stats().bytes_in - before < 256 * 1024
+        conn.close()
