@@ -70,6 +70,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import email.utils  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import socket  # noqa: E402
@@ -284,12 +285,23 @@ def last_chunk(trailers: Optional[list]) -> bytes:
     return b"".join([b"0\r\n"] + [n + b": " + v + b"\r\n" for n, v in trailers] + [b"\r\n"])
 
 
+_date_cache: list = [0, b""]
+
+
+def date_field() -> bytes:
+    """``Date: ...`` for now, made once a second (RFC 9110 section 6.6.1)."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, b"Date: " + email.utils.formatdate(now, usegmt=True).encode()]
+    return _date_cache[1]
+
+
 def simple_response(status: int, body: bytes = b"", *, close: bool = False,
                     head_only: bool = False, content_type: bytes = b"text/plain; charset=utf-8",
                     extra: tuple = ()) -> bytes:
     """A complete response the proxy answers itself."""
     phrase = HTTPStatus(status).phrase.encode("ascii")
-    lines = [b"HTTP/1.1 %d %s" % (status, phrase),
+    lines = [b"HTTP/1.1 %d %s" % (status, phrase), date_field(),
              b"Content-Type: " + content_type,
              b"Content-Length: %d" % len(body), *extra]
     if close:
@@ -498,6 +510,8 @@ class RequestReader(_Reader):
         version = p.get_http_version()
         if version not in ("1.0", "1.1"):
             raise self._fail(505, f"HTTP/{version} is not supported")
+        if url[:1] != b"/" and b"://" in url[:8]:
+            url, fields = self._origin_form(url, fields)
         http10 = version == "1.0"
         keep_alive = p.should_keep_alive()
         # Several Transfer-Encoding lines are one list (the parser reads them so). Only
@@ -542,6 +556,24 @@ class RequestReader(_Reader):
         req = Request(method, url, http10, keep_alive, b"".join(lines), chunked)
         self._req = req
         self.sink.on_request(req)
+
+    def _origin_form(self, url: bytes, fields: list) -> tuple:
+        """An absolute-form target (``http://host/path``): its authority is the Host,
+        whatever the Host field says (RFC 9112 section 3.2.2), and the upstream gets the
+        origin form."""
+        scheme, _, rest = url.partition(b"://")
+        if scheme.lower() not in (b"http", b"https"):
+            raise self._fail(400, "invalid request target")
+        end = len(rest)
+        for sep in (b"/", b"?"):
+            i = rest.find(sep)
+            if 0 <= i < end:
+                end = i
+        authority, path = rest[:end], rest[end:]
+        if not authority or b"@" in authority or not _HOST_CHARS.issuperset(authority):
+            raise self._fail(400, "invalid request target")
+        path = path if path[:1] == b"/" else b"/" + path
+        return path, [(b"Host", b"host", authority)] + [f for f in fields if f[1] != b"host"]
 
     def on_body(self, data: bytes) -> None:
         self._progress()

@@ -470,6 +470,27 @@ def test_request_reader_refuses_framing_it_cannot_vouch_for(raw, status):
     assert e.value.status == status
 
 
+def test_request_reader_absolute_form_target():
+    """An absolute-form target names the host: it replaces the Host field (RFC 9112
+    section 3.2.2) and the upstream gets the origin form."""
+    sink = Sink()
+    reader = proxy_mod.RequestReader(sink, proxy_mod.ProxyConfig("127.0.0.1", 1))
+    reader.feed(b"GET http://Admin.Internal:8080/secret?x=1 HTTP/1.1\r\nHost: public.example\r\n"
+                b"Accept: */*\r\n\r\n"
+                b"GET http://a.test?q HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    first, second = (r for k, r in sink.events if k == "request")
+    assert first.url == b"/secret?x=1" and first.head == (
+        b"GET /secret?x=1 HTTP/1.1\r\nHost: Admin.Internal:8080\r\nAccept: */*\r\n"
+        b"Via: 1.1 proactor\r\n\r\n")
+    assert second.head == b"GET /?q HTTP/1.1\r\nHost: a.test\r\nVia: 1.1 proactor\r\n\r\n"
+    for bad in (b"GET http://user@h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+                b"GET ftp://h/ HTTP/1.1\r\nHost: h\r\n\r\n"):
+        r = proxy_mod.RequestReader(Sink(), proxy_mod.ProxyConfig("127.0.0.1", 1))
+        with pytest.raises(proxy_mod.RequestError) as e:
+            r.feed(bad)
+        assert e.value.status == 400
+
+
 def test_request_reader_http10_with_transfer_encoding_closes_after():
     """RFC 9112 section 6.1: an HTTP/1.0 request with Transfer-Encoding has faulty
     framing: it is answered, then the client's connection closes."""
@@ -1340,6 +1361,7 @@ def test_invalid_response_gives_502(engine, make_upstream, make_proxy):
     with h.client() as c:
         r = c.get("/")
         assert r.status == 502 and b"invalid response" in r.body
+        assert r.header(b"date") is not None        # the proxy's own answers are dated
     assert h.wait_stats(clients=0).failed == 1
 
 
