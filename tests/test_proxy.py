@@ -1352,7 +1352,9 @@ def test_bytes_left_after_a_bodiless_response_do_not_answer_the_next(engine, mak
         r = c.response()
         assert (r.status, r.body) == (200, b"fine")
     st = h.wait_stats(clients=0)
-    assert (st.retried, st.bad_gateway, st.created) == (1, 0, 2)
+    # (retried; or, on a machine so slow that the junk came while the connection was
+    # idle in the pool, dropped there: either way no 502)
+    assert (st.retried + st.dropped, st.bad_gateway, st.created) == (1, 0, 2)
 
 
 def test_invalid_response_gives_502(engine, make_upstream, make_proxy):
