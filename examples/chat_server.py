@@ -1,8 +1,8 @@
 """Chat server: line-based rooms; every message fans out to everyone in the room.
 
 usage: python examples/chat_server.py [--host H] [--backend B] [--max-line BYTES]
-           [--max-output BYTES] [--max-clients N] [--rate N] [--login-timeout S]
-           [--hangup-timeout S] PORT
+           [--max-output BYTES] [--max-clients N] [--max-per-address N] [--rate N]
+           [--login-timeout S] [--hangup-timeout S] PORT
 
 Try it with ``nc 127.0.0.1 PORT`` (or ``telnet``) in two terminals.
 
@@ -40,7 +40,8 @@ Bounds, so that no client can grow the server's memory or hold up the others:
   until its whole burst is back), and the server stops reading from it until the next
   line is allowed (what has not been read waits in the kernel; what was, at most one
   read's worth, in the session).
-  ``--max-clients`` connections at once; a nickname must be chosen within
+  ``--max-clients`` connections at once, ``--max-per-address`` of them from one client
+  address (one client cannot take all the places); a nickname must be chosen within
   ``--login-timeout`` seconds.
 
 So the chat's memory is bounded by about ``--max-clients`` x (one read +
@@ -101,6 +102,7 @@ HELP = (b"* commands:\n"
         b"* any other line is a message to your room; start it with // to send a leading /\n")
 BYE = b"* bye\n"
 SERVER_FULL = b"! the server is full, try again later\n"
+TOO_MANY = b"! too many connections from your address\n"
 TOO_SLOW = b"! disconnected: too much output queued for you (you read too slowly)\n"
 NO_NICK = b"! disconnected: no nickname chosen in time\n"
 BAD_NICK = b"! a nickname is 1 to 16 letters, digits, _ or -, starting with a letter\n"
@@ -119,6 +121,7 @@ class Limits:
     max_line: int = 1024            # bytes in a line, not counting "\n" or "\r\n"
     max_output: int = 128 * 1024    # bytes queued for one connection (see hard_output)
     max_clients: int = 1000         # connections at once
+    max_per_address: int = 20       # connections at once from one client address
     rate: float = 10.0              # lines a second per client, 0: no limit
     login_timeout: float = 30.0     # seconds to choose a nickname
     hangup_timeout: float = 5.0     # seconds to read the last lines before the cut
@@ -130,8 +133,8 @@ class Limits:
         if self.max_output < self.max_line + 4096:
             # a message, or any reply, must fit in an empty output queue
             raise ValueError("max_output must be at least max_line + 4096 bytes")
-        if self.max_clients < 1:
-            raise ValueError("max_clients must be at least 1")
+        if self.max_clients < 1 or self.max_per_address < 1:
+            raise ValueError("max_clients and max_per_address must be at least 1")
         if self.rate < 0:
             raise ValueError("rate must not be negative")
         if self.login_timeout <= 0 or self.hangup_timeout <= 0 or self.slow_grace <= 0:
@@ -170,11 +173,13 @@ class Peer(Protocol):
 class Session:
     """One client, from its connection to its disconnection."""
 
-    __slots__ = ("peer", "nick", "room", "open", "_buf", "_eof", "_tokens", "_stamp",
-                 "_warned", "_over_since", "_w_turn", "_w_cur", "_w_prev")
+    __slots__ = ("peer", "address", "nick", "room", "open", "_buf", "_eof", "_tokens",
+                 "_stamp", "_warned", "_over_since", "_w_turn", "_w_cur", "_w_prev")
 
-    def __init__(self, peer: Peer, now: float, burst: float) -> None:
+    def __init__(self, peer: Peer, now: float, burst: float,
+                 address: Optional[str] = None) -> None:
         self.peer = peer
+        self.address = address          # the client's address, for max_per_address
         self.nick: Optional[str] = None
         self.room: Optional[str] = None
         self.open = True                # False once the chat has hung up on it
@@ -216,18 +221,30 @@ class Chat:
         self.rooms: dict[str, dict[Session, None]] = {}  # room -> members, in join order
         self.turn = 0                                   # see next_turn()
         self.turn_pending = False                       # next_turn() is scheduled
+        self.per_address: dict[str, int] = {}           # address -> sessions from it
 
     # ------------------------------------------------------------------ events
-    def connect(self, peer: Peer) -> Session:
-        """A client connected. Over ``max_clients`` it is told so and closed at once
-        (the session returned is then not open)."""
-        s = Session(peer, self._clock(), self.limits.burst)
+    def connect(self, peer: Peer, address: Optional[str] = None) -> Session:
+        """A client connected (from ``address``, if known). Over ``max_clients``, or
+        ``max_per_address`` from its address, it is told so and closed at once (the
+        session returned is then not open)."""
+        s = Session(peer, self._clock(), self.limits.burst, address)
+        refusal = None
         if len(self.sessions) >= self.limits.max_clients:
             log.warning("refusing %s: %d clients connected", peer, len(self.sessions))
+            refusal = SERVER_FULL
+        elif address is not None and (self.per_address.get(address, 0)
+                                      >= self.limits.max_per_address):
+            log.warning("refusing %s: %d clients connected from %s", peer,
+                        self.per_address[address], address)
+            refusal = TOO_MANY
+        if refusal is not None:
             s.open = False
-            peer.write(SERVER_FULL)
+            peer.write(refusal)
             peer.close()
             return s
+        if address is not None:
+            self.per_address[address] = self.per_address.get(address, 0) + 1
         self.sessions.add(s)
         self._reply(s, WELCOME)
         return s
@@ -287,7 +304,14 @@ class Chat:
 
     def lost(self, s: Session, failed: bool = False) -> None:
         """The connection is gone (whoever closed it); ``failed``: by an error, a reset."""
-        self.sessions.discard(s)
+        if s in self.sessions:
+            self.sessions.discard(s)
+            if s.address is not None:
+                n = self.per_address[s.address] - 1
+                if n:
+                    self.per_address[s.address] = n
+                else:
+                    del self.per_address[s.address]
         if s.open:
             s.open = False
             self._forget(s, "connection lost" if failed else None)
@@ -561,12 +585,13 @@ class ChatConnection(proactor.Handler):
     # -- proactor.Handler
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
+        host = None
         try:
             host, port = conn.peername[:2]
             self.label = f"{host}:{port}"
         except OSError:
             pass                         # already reset by the client
-        self.session = s = self.chat.connect(self)
+        self.session = s = self.chat.connect(self, host)
         if s.open:
             self._timer = self.engine.call_later(self.chat.limits.login_timeout,
                                                  self.chat.login_expired, s)
@@ -653,6 +678,8 @@ def main() -> None:
                         f"slow (default {d.max_output})")
     p.add_argument("--max-clients", type=int, default=d.max_clients, metavar="N",
                    help=f"connections at once (default {d.max_clients})")
+    p.add_argument("--max-per-address", type=int, default=d.max_per_address, metavar="N",
+                   help=f"connections at once from one address (default {d.max_per_address})")
     p.add_argument("--rate", type=float, default=d.rate, metavar="N",
                    help=f"lines a second per client, 0 for no limit (default {d.rate:g})")
     p.add_argument("--login-timeout", type=float, default=d.login_timeout, metavar="S",
@@ -663,7 +690,8 @@ def main() -> None:
     a = p.parse_args()
     try:
         limits = Limits(max_line=a.max_line, max_output=a.max_output,
-                        max_clients=a.max_clients, rate=a.rate,
+                        max_clients=a.max_clients, max_per_address=a.max_per_address,
+                        rate=a.rate,
                         login_timeout=a.login_timeout, hangup_timeout=a.hangup_timeout)
     except ValueError as e:
         p.error(str(e))

@@ -491,8 +491,37 @@ def test_max_clients_and_login_timeout():
     assert pa.take() == []
 
 
+def test_connections_per_address_are_capped():
+    """One address cannot take every place: beyond max_per_address its connections are
+    refused with a reason; another address still gets in, and a place freed is free."""
+    chat, _ = make_chat(max_per_address=2)
+    peers = [FakePeer(f"p{i}") for i in range(3)]
+    s0 = chat.connect(peers[0], "192.0.2.1")
+    s1 = chat.connect(peers[1], "192.0.2.1")
+    s2 = chat.connect(peers[2], "192.0.2.1")
+    assert s0.open and s1.open and not s2.open
+    assert bytes(peers[2].out) == chat_server.TOO_MANY and peers[2].closed
+    chat.lost(s2)
+    other = FakePeer("other")
+    assert chat.connect(other, "198.51.100.7").open
+    chat.lost(s0)
+    again = FakePeer("again")
+    assert chat.connect(again, "192.0.2.1").open
+    assert chat.per_address == {"192.0.2.1": 2, "198.51.100.7": 1}
+
+
+def test_connections_per_address_over_sockets(engine, serve):
+    srv = serve(max_per_address=2)
+    srv.client("alice")
+    srv.client("bob")
+    third = connect(("127.0.0.1", srv.port), timeout=10)
+    with third:
+        assert recv_until_eof(third) == chat_server.TOO_MANY
+
+
 @pytest.mark.parametrize("kwargs", [{"max_line": 10}, {"max_output": 1024},
-                                    {"max_clients": 0}, {"rate": -1},
+                                    {"max_clients": 0}, {"max_per_address": 0},
+                                    {"rate": -1},
                                     {"hangup_timeout": 0}, {"login_timeout": -1}])
 def test_limits_are_checked(kwargs):
     with pytest.raises(ValueError):
@@ -567,6 +596,7 @@ def serve(engine):
 
     def start(**limits: Any) -> Served:
         limits.setdefault("rate", 0)
+        limits.setdefault("max_per_address", 10_000)      # every test client is 127.0.0.1
         srv = Served(*chat_server.serve(engine, "127.0.0.1", 0, Limits(**limits)))
         served.append(srv)
         return srv
