@@ -557,7 +557,8 @@ class BaseConnection:
         raise NotImplementedError
 
     def get_write_buffer_size(self) -> int:
-        """Bytes queued and not yet sent (from any thread: a snapshot)."""
+        """Bytes queued and not yet sent (from any thread: a snapshot). A ``send()`` from
+        another thread than the engine's counts once the engine's thread has queued it."""
         if self._closed:
             return 0
         return self._queued_size()
