@@ -279,7 +279,6 @@ class HTTPSession:
         self._version = "1.1"
         self._body = 0
         self._reject = 0
-        self._close_after = False            # close after this request's response
 
     # -- input
     def feed(self, data: bytes) -> None:
@@ -348,7 +347,6 @@ class HTTPSession:
         self._body = 0
         self._chunked = False
         self._stalled = 0
-        self._close_after = False
 
     def on_url(self, part: bytes) -> None:
         self._url_len += len(part)
@@ -392,10 +390,6 @@ class HTTPSession:
             if len(_good_hosts) < 64:
                 _good_hosts.add(h[b"host"])
         self._chunked = b"transfer-encoding" in h
-        if self._chunked and version == "1.0":
-            # RFC 9112 section 6.1: its framing is faulty (a 1.0 hop in between would not
-            # know chunked): answered, then the connection closes.
-            self._close_after = True
         length = h.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             self._reject = 413
@@ -419,8 +413,12 @@ class HTTPSession:
 
     def on_message_complete(self) -> None:
         p = self.parser
+        # HTTP/1.0 with Transfer-Encoding: its framing is faulty (a 1.0 hop in between
+        # would not know chunked), RFC 9112 section 6.1: answered, then the connection
+        # closes.
+        keep_alive = p.should_keep_alive() and not (self._chunked and self._version == "1.0")
         req = Request(p.get_method(), b"".join(self._url), self._version,
-                      self._headers, p.should_keep_alive() and not self._close_after)
+                      self._headers, keep_alive)
         self.pending.append(req)
         self.state = IDLE
         self.since = time.monotonic()
