@@ -778,13 +778,13 @@ int px_want_drain(struct px_ring *r, int slot, uint32_t gen)
     return 0;
 }
 
-/* Close: graceful (queued bytes are sent first) or abort (in-flight requests are
- * cancelled, unsent bytes dropped). Either way the fd is closed only after the final
- * completion of every request on it, and PX_EV_CLOSED follows. */
 /* px_close's ``abort``: 0 after the queued data, 1 now (a FIN), PX_CLOSE_RESET now with
  * a reset (RST). proactor._common's GRACEFUL, ABORT and RESET. */
 #define PX_CLOSE_RESET 2
 
+/* Close: graceful (queued bytes are sent first) or abort (in-flight requests are
+ * cancelled, unsent bytes dropped). Either way the fd is closed only after the final
+ * completion of every request on it, and PX_EV_CLOSED follows. */
 int px_close(struct px_ring *r, int slot, uint32_t gen, int abort)
 {
     struct px_conn *c = conn_get(r, slot, gen);
