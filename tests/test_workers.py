@@ -213,7 +213,8 @@ def test_echo_with_workers_many_clients(engine, workers):
 
 
 class QuitAfterResponse(proactor.Handler):
-    """Echoes; on b"QUIT" queues a large response and closes gracefully."""
+    """Echoes lines; on b"QUIT" queues a large response and closes gracefully. Lines, so
+    that it does not matter how the bytes are split into data_received calls."""
 
     response = random.Random(12).randbytes(8 << 20)
 
@@ -221,18 +222,24 @@ class QuitAfterResponse(proactor.Handler):
         self.after_close: list = []
         self.lost_calls: list = []
         self.lost = threading.Event()
+        self.closed_by_me = False
+        self.partial = b""
 
     def data_received(self, conn, data):
-        if conn.closed or self.lost_calls or getattr(self, "closed_by_me", False):
+        if self.closed_by_me or conn.closing or self.lost_calls:
             self.after_close.append(data)
-        if data == b"slow":
-            time.sleep(0.1)            # let the next messages queue up behind this one
-        if b"QUIT" in data:
-            conn.send(self.response)
-            conn.close()
-            self.closed_by_me = True
             return
-        conn.send(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            if line == b"slow":
+                time.sleep(0.1)        # the next lines queue up behind this one
+            if line == b"QUIT":
+                conn.send(self.response)
+                conn.close()
+                self.closed_by_me = True
+                return                 # what follows it is not for us any more
+            conn.send(line + b"\n")
 
     def connection_lost(self, conn, exc):
         self.lost_calls.append(exc)
@@ -243,20 +250,20 @@ class QuitAfterResponse(proactor.Handler):
 def test_graceful_close_with_more_data_already_read(engine, workers):
     """The handler closes (after queueing a response) while more of the client's data has
     already been read and, with workers, queued for it. The close must stay graceful: the
-    whole response arrives, connection_lost(None), no handler error."""
+    whole response arrives, connection_lost(None), no handler error, and no
+    data_received after the close."""
     handlers: list = []
     srv = engine.serve_tcp(factory_collecting(QuitAfterResponse, handlers), "127.0.0.1", 0,
                            workers=workers)
     with connect(("127.0.0.1", srv.port), nodelay=True) as s:
-        s.sendall(b"slow")
-        time.sleep(0.01)
-        s.sendall(b"QUIT")
-        time.sleep(0.01)
-        s.sendall(b"more")             # read by the engine before the close happens
+        s.sendall(b"slow\n")
+        wait_until(lambda: handlers and engine.stats().bytes_in >= 5, message="slow read")
+        s.sendall(b"QUIT\n")          # both queued while the handler sleeps on "slow"
+        s.sendall(b"more\n")
         got = recv_until_eof(s)
     h = handlers[0]
     assert h.lost.wait(10)
     assert h.lost_calls == [None], h.lost_calls
-    assert len(got) == 4 + len(QuitAfterResponse.response), len(got)
-    assert got == b"slow" + QuitAfterResponse.response
+    assert len(got) == 5 + len(QuitAfterResponse.response), len(got)
+    assert got == b"slow\n" + QuitAfterResponse.response
     assert h.after_close == [], "data_received was called after the handler closed"
