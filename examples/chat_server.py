@@ -616,10 +616,7 @@ class ChatConnection(proactor.Handler):
 
     # -- Peer
     def write(self, data: bytes) -> None:
-        try:
-            self.conn.send(data)
-        except BrokenPipeError:
-            pass                         # failed and closing: connection_lost follows
+        self.conn.send(data)             # dropped if it is closing: connection_lost follows
         chat = self.chat
         if not chat.turn_pending:        # what is queued in this turn goes out after it
             chat.turn_pending = True

@@ -991,7 +991,9 @@ class HTTPHandler(proactor.Handler):
         size = resp.body_size
         self.queued += len(resp.head) + size
         try:
-            if resp.file_fd >= 0:
+            if conn.closing:                 # the peer has gone: nothing more to send
+                self.session.close()
+            elif resp.file_fd >= 0:
                 self.files += 1
                 conn.send(resp.head)
                 conn.sendfile(resp.file_fd, resp.file_offset, resp.file_count)
@@ -1005,8 +1007,6 @@ class HTTPHandler(proactor.Handler):
                 conn.send(resp.head + resp.body)
             else:
                 conn.send(resp.head)
-        except BrokenPipeError:
-            self.session.close()             # the connection is going away
         except OSError as e:
             # The file could not be queued (EMFILE: no fd for the engine's copy) after its
             # head was: the response cannot be completed, so the connection ends.

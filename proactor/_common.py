@@ -36,6 +36,9 @@ except ImportError:                           # Windows
     _fcntl = None  # type: ignore[assignment]
 
 _OFF_MAX = (1 << 63) - 1                      # the largest file offset (off_t)
+#: After stop()'s deadline, how long the workers may take for the last events (the
+#: aborted connections' connection_lost) before the engine stops waiting for them.
+_POOL_GRACE = 0.25
 
 logger = logging.getLogger("proactor")
 
@@ -87,6 +90,9 @@ class Stats:
     bytes_out: int
     send_queued: int
     cq_overflow: int
+    #: Bytes handed to ``send()``/``sendfile()`` once their connection was closing,
+    #: dropped (the peer had gone, or the connection was being closed).
+    bytes_dropped: int
 
 
 class Op:
@@ -228,16 +234,20 @@ GRACEFUL, ABORT, RESET = range(3)
 
 
 def run_handler_event(conn: Any, kind: int, arg: Any) -> None:
-    """Deliver one event to ``conn``'s handler; a raising handler loses its connection."""
+    """Deliver one event to ``conn``'s handler; a raising handler loses its connection.
+
+    Data and EOF are dropped once the handler side has closed the connection (``_deaf``:
+    its own ``close()``/``abort()``, or it raised); a failure the engine saw (the peer's
+    reset, a failed send) does not stop what was received before it."""
     h = conn._handler
     try:
         if kind == DATA:
-            if not conn._closing:      # after close() the handler gets no more data
+            if not conn._deaf:
                 h.data_received(conn, arg)
         elif kind == MADE:
             h.connection_made(conn)
         elif kind == EOF:
-            if not conn._closing:
+            if not conn._deaf:
                 h.eof_received(conn)
         else:
             h.connection_lost(conn, arg)
@@ -250,6 +260,7 @@ def handler_failed(conn: Any, exc: BaseException, kind: int = DATA) -> None:
         logger.exception("connection_lost of %r raised", conn)
         return
     logger.error("handler of %r raised; aborting the connection", conn, exc_info=exc)
+    conn._deaf = True                  # it gets nothing more but connection_lost
     conn._fail(exc)
 
 
@@ -316,8 +327,9 @@ class WorkerPool:
                 conn._wq = []
                 n = len(items)
                 if conn._wheld is not None and items:   # paused, events held: these are
-                    if items[-1][0] == LOST:     # newer, they wait behind them
-                        conn._wheld = None       # (closed: the held data goes nowhere)
+                    if items[-1][0] == LOST:     # newer, they wait behind them; once it
+                        items = [*conn._wheld, *items]   # is lost, all go, in order
+                        conn._wheld = None
                     else:
                         conn._wheld.extend(items)
                         items = []
@@ -340,8 +352,8 @@ class WorkerPool:
 
     def _hold(self, conn: Any, items: list, i: int) -> bool:
         """``conn`` is paused: keep ``items[i:]`` (data and EOF that came before the pause
-        took effect) for :meth:`release`, unless it was resumed meanwhile or has closed
-        (the handler gets no data once closing; LOST is run). True if held."""
+        took effect) for :meth:`release`, unless it was resumed meanwhile or is lost (then
+        they run now, before ``connection_lost``). True if held."""
         with self._cond:
             if not conn._user_paused or items[-1][0] == LOST:
                 return False
@@ -367,6 +379,10 @@ class WorkerPool:
     def idle(self) -> bool:
         with self._cond:
             return self.pending == 0
+
+    def alive(self) -> int:
+        """How many of the worker threads are still running."""
+        return sum(t.is_alive() for t in self._threads)
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Let the workers finish what is queued, then join them. True if all exited."""
@@ -418,6 +434,10 @@ def bind_tcp(host: Optional[str], port: int, backlog: int, reuse_port: bool) -> 
     return socks
 
 
+def _nbytes(data: Any) -> int:
+    return len(data) if type(data) is bytes else memoryview(data).nbytes
+
+
 def run_calls(calls: deque, n: int) -> None:
     """Run the first ``n`` ``(fn, args)`` of ``calls``; one that raises is logged."""
     pop = calls.popleft
@@ -440,7 +460,7 @@ class BaseConnection:
 
     __slots__ = ("_engine", "_fd", "_handler", "_data_received", "_wpool", "_wq", "_wsched",
                  "_closing", "_closed", "_fail_exc", "_user_paused", "_drain_cbs", "_bidx",
-                 "_wheld", "_abort_how", "server", "__weakref__")
+                 "_wheld", "_abort_how", "_deaf", "server", "__weakref__")
 
     def __init__(self, engine: Any, fd: int, server: Any, pool: Optional[WorkerPool]) -> None:
         self._engine = engine
@@ -452,7 +472,8 @@ class BaseConnection:
         self._wsched = False             # on the pool's ready queue
         self._wheld: Optional[deque] = None   # the pool's events held while paused
         self._abort_how = RESET          # ABORT for asyncio's transports: a FIN, as asyncio
-        self._closing = False
+        self._closing = False            # no more sends taken; the close is under way
+        self._deaf = False               # the handler gets no more data or EOF
         self._closed = False
         self._fail_exc: Optional[BaseException] = None
         self._user_paused = False
@@ -470,7 +491,7 @@ class BaseConnection:
             logger.exception("handler factory raised; closing the new connection")
             self._fail_exc = e
             self._handler = Handler()
-            self._closing = True
+            self._closing = self._deaf = True
             return False
         self._handler = h
         self._data_received = h.data_received
@@ -480,11 +501,13 @@ class BaseConnection:
     def send(self, data: Any) -> None:
         """Queue ``data`` (bytes-like, copied) to be sent after what was queued before.
 
-        Raises ``BrokenPipeError`` once the connection is closing or closed. Bytes that
-        cannot be delivered because the connection fails later are reported through
-        ``connection_lost(conn, exc)``."""
+        Once the connection is closing or closed (``conn.closing``) - closed by you, by
+        the peer's reset, by a failed send or by the engine's stop - the data is dropped
+        and counted (``stats().bytes_dropped``), as asyncio's transports do: a peer that
+        leaves is routine, and ``connection_lost(conn, exc)`` says why it ended."""
         if self._closing:
-            raise os_error(errno.EPIPE, "send")
+            self._engine._dropped(_nbytes(data))
+            return
         if type(data) is not bytes:
             data = bytes(data)
         if _get_ident() == self._engine._thread_id:
@@ -513,13 +536,12 @@ class BaseConnection:
         promised, or cannot be read, the connection is aborted and ``connection_lost``
         gets the ``OSError`` (``ENODATA`` for a short file; operation "sendfile").
 
-        Raises ``BrokenPipeError`` once the connection is closing, ``OSError`` if the fd
-        is not a regular file open for reading or cannot be duplicated (``EMFILE``: then
-        nothing is queued), ``ValueError`` for a negative or too large offset or count.
+        Raises ``OSError`` if the fd is not a regular file open for reading or cannot be
+        duplicated (``EMFILE``: then nothing is queued), ``ValueError`` for a negative or
+        too large offset or count. Once the connection is closing the file is not
+        queued, as with :meth:`send` (its bytes count in ``stats().bytes_dropped``).
         From another thread than the engine's, a failure to queue the file once the call
         has returned aborts the connection (``connection_lost`` gets the error)."""
-        if self._closing:
-            raise os_error(errno.EPIPE, "sendfile")
         fd = file if isinstance(file, int) else file.fileno()
         if offset < 0 or (count is not None and count < 0):
             raise ValueError("offset and count must be >= 0")
@@ -532,6 +554,9 @@ class BaseConnection:
             count = max(0, st.st_size - offset)
         if offset + count > _OFF_MAX:
             raise ValueError("offset + count is beyond the largest file offset")
+        if self._closing:
+            self._engine._dropped(count)
+            return
         if not count:
             return
         dup = os.dup(fd)                     # the caller may close ``fd`` once we return
@@ -619,7 +644,9 @@ class BaseConnection:
 
     # -- closing
     def close(self) -> None:
-        """Close after the queued data has been sent. ``connection_lost`` follows."""
+        """Close after the queued data has been sent. ``connection_lost`` follows; no
+        ``data_received`` or ``eof_received`` comes after this call."""
+        self._deaf = True
         if self._closing or self._closed:
             return
         self._closing = True
@@ -627,7 +654,15 @@ class BaseConnection:
 
     def abort(self) -> None:
         """Close now: unsent data is dropped, in-flight requests are cancelled, and the
-        peer gets a reset (RST), so it cannot take what it received for all there was."""
+        peer gets a reset (RST), so it cannot take what it received for all there was.
+        ``connection_lost`` follows; no ``data_received`` or ``eof_received`` comes
+        after this call."""
+        self._deaf = True
+        self._abort()
+
+    def _abort(self) -> None:
+        """Abort without silencing the handler: data already received is still delivered
+        (before ``connection_lost``)."""
         self._closing = True
         self._engine._in_loop(self._close_now, self._abort_how)
 
@@ -638,13 +673,22 @@ class BaseConnection:
         raise NotImplementedError
 
     def _fail(self, exc: BaseException) -> None:
+        """The connection failed with ``exc`` (what ``connection_lost`` gets): abort it.
+        What was received before still reaches the handler, unless it is ``_deaf``."""
         if self._fail_exc is None:
             self._fail_exc = exc
-        self.abort()
+        self._abort()
 
     # -- information
     @property
+    def closing(self) -> bool:
+        """True once the connection is closing or closed (whoever began it): sends are
+        dropped from then on, ``connection_lost`` is on its way."""
+        return self._closing
+
+    @property
     def closed(self) -> bool:
+        """True once the connection is closed (``connection_lost`` has been queued)."""
         return self._closed
 
     def fileno(self) -> int:
@@ -746,6 +790,10 @@ class BaseEngine:
         self._start_exc: Optional[BaseException] = None
         self._closed = False
         self._ran = False
+        self._ndropped = 0                   # bytes_dropped
+        self._drop_lock = threading.Lock()
+        self._stop_timeout = 5.0             # of the stop() under way
+        self._stop_deadline = 0.0            # when it must be over (time.monotonic())
 
     # ------------------------------------------------------------------ running
     def start(self: _Engine) -> _Engine:
@@ -781,9 +829,28 @@ class BaseEngine:
     def stop(self, timeout: float = 5.0) -> None:
         """Begin a graceful shutdown (from any thread): stop accepting, let handlers
         finish what is queued and in-flight sends complete (for at most ``timeout``
-        seconds), then close everything and join the workers."""
+        seconds), then close everything and join the workers.
+
+        Connections still open at the deadline are aborted: their unsent data is
+        dropped, the peer gets a reset, and ``connection_lost`` gets a
+        ``ConnectionAbortedError`` saying so. The engine has stopped within about
+        ``timeout`` + 0.5 s; worker threads still inside a handler then are left to
+        finish on their own (they are daemon threads), with a warning."""
         if not self._closed:
             self._post(self._begin_shutdown, timeout)
+
+    def _set_stop_deadline(self, timeout: float) -> float:
+        """Record when the shutdown that ``stop(timeout)`` began must be over."""
+        self._stop_timeout = timeout
+        self._stop_deadline = time.monotonic() + max(0.0, timeout)
+        return self._stop_deadline
+
+    def _abort_at_deadline(self, c: BaseConnection) -> None:
+        """Abort ``c``: the shutdown's deadline has passed (its handler hears no more)."""
+        c._deaf = True
+        c._fail(OSError(errno.ECONNABORTED,
+                        f"the engine's stop(timeout={self._stop_timeout:g}) ran out before "
+                        "the connection finished: aborted, unsent data dropped (stop)"))
 
     def _begin_shutdown(self, timeout: float) -> None:
         """Backend: start the shutdown that ``stop(timeout)`` asks for (engine's thread)."""
@@ -811,10 +878,17 @@ class BaseEngine:
         raise NotImplementedError
 
     def _shutdown_pools(self) -> None:
-        """Let every worker pool finish and join it (at most 5 s each)."""
+        """Let every worker pool finish what is queued and join its threads, until the
+        stop deadline (and a short grace for the last events: connection_lost)."""
+        deadline = max(self._stop_deadline, time.monotonic()) + _POOL_GRACE
+        busy = 0
         for p in self._pools:
-            if not p.shutdown(timeout=5.0):
-                logger.error("worker threads did not finish within 5 s")
+            if not p.shutdown(timeout=max(0.0, deadline - time.monotonic())):
+                busy += p.alive()
+        if busy:
+            logger.warning("%d worker thread(s) still inside a handler after "
+                           "stop(timeout=%g); left to finish on their own", busy,
+                           self._stop_timeout)
 
     def __enter__(self: _Engine) -> _Engine:
         return self
@@ -1011,9 +1085,16 @@ class BaseEngine:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ statistics
+    def _dropped(self, nbytes: int) -> None:
+        """Count bytes a ``send()`` on a closing connection dropped (any thread)."""
+        with self._drop_lock:
+            self._ndropped += nbytes
+
     def _stats(self, **counters: int) -> Stats:
         """A :class:`Stats` of ``counters`` and what every engine counts alike: the objects
-        pinned (low-level ops in flight, registered buffers) and the worker queues' depth."""
+        pinned (low-level ops in flight, registered buffers), the worker queues' depth and
+        the bytes dropped by sends on closing connections."""
         return Stats(backend=self.backend,
                      pinned_objects=len(self._ops) + len(self._registered),
-                     queue_depth=sum(p.pending for p in self._pools), **counters)
+                     queue_depth=sum(p.pending for p in self._pools),
+                     bytes_dropped=self._ndropped, **counters)

@@ -84,6 +84,7 @@ from ._common import (
     Op,
     Stats,
     WorkerPool,
+    _nbytes,
     handler_failed,
     run_handler_event,
 )
@@ -118,6 +119,9 @@ _KIND_NAMES = {1: "accept", 2: "recv", 3: "send", 4: "op", 8: "sendfile"}
 _leaked: list = []
 
 _get_ident = threading.get_ident
+#: How long after stop()'s deadline the shutdown waits for the final completions of what
+#: it cancelled and aborted, before it gives up on them (and keeps their memory).
+_GIVE_UP = 0.2
 #: Bytes one read/write/send/recv asks for at most: Linux's MAX_RW_COUNT. Larger buffers
 #: get a short transfer, as with os.read/os.write (the SQE's length is 32 bits).
 _RW_MAX = 0x7FFFF000
@@ -163,32 +167,44 @@ class UringConnection(BaseConnection):
         # BaseConnection.send with the engine's thread kept on the connection and px_send
         # called right here: the hottest call, so no method call in between.
         if self._closing:
-            raise os_error(errno.EPIPE, "send")
+            self._engine._dropped(_nbytes(data))
+            return
         if type(data) is not bytes:
             data = bytes(data)
         if _get_ident() == self._tid:
-            if _px_send(self._r, self._slot, self._gen, data, len(data)) == _ENOMEM:
-                self._no_memory()
+            n = _px_send(self._r, self._slot, self._gen, data, len(data))
+            if n < 0:
+                self._not_queued(n, len(data))
         else:
             self._engine._post(self._send_now, data)
 
     send.__doc__ = BaseConnection.send.__doc__
 
     def _send_now(self, data: bytes) -> None:
-        if lib.px_send(self._r, self._slot, self._gen, data, len(data)) == _ENOMEM:
-            self._no_memory()
+        n = -errno.EBADF if self._closed else lib.px_send(self._r, self._slot, self._gen,
+                                                           data, len(data))
+        if n < 0:
+            self._not_queued(n, len(data))
 
-    def _no_memory(self) -> None:
-        # The bytes could not be queued: what follows must not go out without them.
-        self._fail(os_error(errno.ENOMEM, "send"))
+    def _not_queued(self, err: int, nbytes: int) -> None:
+        """px_send refused ``nbytes`` with ``err``: the connection is closing in C (the
+        peer has gone, a send failed), which drops them as ``send()`` does, or there was
+        no memory for them: then what follows must not go out without them, so the
+        connection fails."""
+        self._engine._dropped(nbytes)
+        if err == _ENOMEM:
+            self._fail(os_error(err, "send"))
 
     def _sendfile_now(self, fd: int, offset: int, count: int) -> None:
-        n = lib.px_sendfile(self._r, self._slot, self._gen, fd, offset, count)
+        if self._closed:
+            n = -errno.EBADF
+        else:
+            n = lib.px_sendfile(self._r, self._slot, self._gen, fd, offset, count)
         if n == _ENOMEM:
             raise os_error(n, "sendfile")      # nothing was queued; the fd is still ours
         if n < 0:
             os.close(fd)      # closing or failed: dropped, as send() does (connection_lost
-                              # reports the failure)
+            self._engine._dropped(count)      # reports the failure)
 
     def _queued_size(self) -> int:
         with self._engine._life_lock:       # another thread may be asking while it closes
@@ -220,10 +236,10 @@ class UringConnection(BaseConnection):
 
     def _release_held(self) -> None:
         held = self._held
-        while held and not self._user_paused and not self._closing:
+        while held and not self._user_paused and not self._deaf:
             kind, arg = held.popleft()
             run_handler_event(self, kind, arg)
-        if self._closing or not held:
+        if self._deaf or not held:
             self._held = None
         if not self._user_paused and not self._closing:
             lib.px_resume_reading(self._r, self._slot, self._gen)
@@ -498,8 +514,8 @@ class UringEngine(BaseEngine):
         for t, i, res, aux in zip(it, it, it, it):
             if t == EV_DATA:
                 c = conns[i]
-                if c._closing:
-                    continue               # closed by the user: reading has stopped
+                if c._deaf:
+                    continue               # closed by the handler side: it wants no more
                 p = c._wpool
                 if p is None:
                     if c._user_paused or c._held is not None:
@@ -541,10 +557,10 @@ class UringEngine(BaseEngine):
                     self._timers.add(time.monotonic() + 0.1, srv._rearm, (i,))
             elif t == EV_EOF:
                 c = conns[i]
-                if res == 0:
-                    self._deliver(c, EOF, None)
-                else:
+                if res < 0:
                     c._fail(os_error(res, "recv"))
+                elif not c._closing:
+                    self._deliver(c, EOF, None)
             elif t == EV_CLOSED:
                 self._closed_slot(i, res, aux)
             elif t == EV_WAKE:
@@ -601,6 +617,9 @@ class UringEngine(BaseEngine):
             exc = None
         if c._drain_cbs:
             c._on_drained()
+        if c._held:                # received before it was lost: delivered first
+            c._user_paused = False
+            c._release_held()
         self._deliver(c, LOST, exc)
 
     def _set_conn(self, slot: int, obj: Any) -> None:
@@ -859,8 +878,7 @@ class UringEngine(BaseEngine):
     def _begin_shutdown(self, timeout: float) -> None:
         if self._shutdown is not None:
             return
-        now = time.monotonic()
-        self._shutdown = {"deadline": now + timeout, "phase": 1}
+        self._shutdown = {"deadline": self._set_stop_deadline(timeout), "phase": 1}
         for srv in self._servers:
             srv.close()
         for c in self._conns:
@@ -882,25 +900,28 @@ class UringEngine(BaseEngine):
             if late and not sd.get("aborted"):
                 sd["aborted"] = True
                 for c in conns:
-                    c.abort()
+                    self._abort_at_deadline(c)
             listeners = any(isinstance(c, UringServer) for c in self._conns)
             if not conns and not listeners:
                 sd["phase"] = 3
+        if sd["phase"] == 3 and "cancelled" not in sd:
+            sd["cancelled"] = True
+            for idx, op in list(self._ops.items()):
+                op._cancel_req = True
+                lib.px_op_cancel(self._r, idx)
         if sd["phase"] == 3:
-            if "hard" not in sd:
-                sd["hard"] = now + 5.0
-                for idx, op in list(self._ops.items()):
-                    op._cancel_req = True
-                    lib.px_op_cancel(self._r, idx)
             if not sd.get("wake_stopped"):
                 sd["wake_stopped"] = lib.px_stop_wakeup(self._r) == 0   # again if SQ full
             if (lib.px_inflight(self._r) == 0 and not self._ops
                     and not self._ready and not self._cmds):
                 return True
-            if now >= sd["hard"]:
-                logger.error("%d io_uring requests did not complete after cancel; their "
-                             "memory is kept, not freed", lib.px_inflight(self._r))
-                return True
+        # Requests cancelled (or connections aborted) complete within microseconds; one
+        # that has not by then (a file read stuck in the kernel) is given up on: its
+        # memory is kept, never freed (see the module docstring).
+        if now >= sd["deadline"] + _GIVE_UP:
+            logger.error("%d io_uring requests did not complete after cancel; their "
+                         "memory is kept, not freed", lib.px_inflight(self._r))
+            return True
         return False
 
     def _teardown(self) -> None:

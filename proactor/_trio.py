@@ -185,6 +185,8 @@ class _FileChunk:
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         return sock.send(data)
 _IOV_MAX = 64
+#: At most this many reads of what a failed connection had received (64 KiB each).
+_DRAIN_READS = 64
 #: connect_ex results that mean "in progress".
 _CONNECT_PENDING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                     getattr(errno, "WSAEWOULDBLOCK", -1)}
@@ -259,6 +261,8 @@ class TrioConnection(BaseConnection):
     # -- sending
     def _send_now(self, data: Any) -> None:
         if self._closed or self._aborted or not data:
+            if data:
+                self._engine._dropped(len(data))
             return
         eng = self._engine
         if not self._sendq:
@@ -273,7 +277,8 @@ class TrioConnection(BaseConnection):
                 if self._fail_exc is None:
                     self._fail_exc = os_error(e.errno or errno.EIO, "send")
                 self._aborted = True
-                eng._ready.append((self.abort, ()))
+                eng._dropped(len(data))
+                eng._ready.append((self._abort, ()))
                 eng._wake_sched()
                 return
             eng._ncompleted += 1
@@ -286,6 +291,7 @@ class TrioConnection(BaseConnection):
     def _sendfile_now(self, fd: int, offset: int, count: int) -> None:
         if self._closed or self._aborted:
             os.close(fd)
+            self._engine._dropped(count)
             return
         self._nfiles += 1
         self._enqueue(_FileChunk(fd, offset, count))
@@ -334,11 +340,9 @@ class TrioConnection(BaseConnection):
             ev.set()
 
     # -- closing
-    def abort(self) -> None:
-        """Close now: unsent data is dropped, the connection's tasks are cancelled."""
-        if self._closed:
-            return
-        super().abort()
+    def _abort(self) -> None:
+        if not self._closed:
+            super()._abort()
 
     def _close_now(self, abort: int) -> None:
         if self._closed:
@@ -668,33 +672,15 @@ class TrioEngine(BaseEngine):
                         c._fail(os_error(e.errno or errno.EIO, "recv"))
                         return
                     self._ncompleted += 1
-                    if c._closing:
-                        return                   # closed by the user: reading has stopped
+                    if c._deaf:
+                        return                   # closed by the handler side
                     if not data:
-                        self._deliver(c, EOF, None)
+                        if not c._closing:
+                            self._deliver(c, EOF, None)
                         return
-                    self._bytes_in += len(data)
-                    if p is None:
-                        try:
-                            c._data_received(c, data)
-                        except Exception as e:
-                            handler_failed(c, e)
-                    else:
-                        # Bytes of one connection read in the same turn go to the worker
-                        # as one event (up to 64 KiB), as with the io_uring engine.
-                        b = p._batch
-                        j = c._bidx
-                        if (j < len(b) and b[j][0] is c and b[j][1] == DATA
-                                and len(b[j][2]) < 65536):
-                            b[j] = (c, DATA, b[j][2] + data)
-                            continue
-                        if not b:
-                            self._touched.append(p)
-                            self._wake_sched()
-                        c._bidx = len(b)
-                        b.append((c, DATA, data))
-                        if p.pending + len(b) >= p.max_queue:
-                            self._backpressure(p, c)
+                    self._received(c, p, data)
+            if c._closing and not c._deaf:
+                self._drain_input(c, p)
         except Exception as e:  # noqa: BLE001 - a bug here must not end the engine
             logger.exception("reader of %r failed", c)
             c._fail(e)
@@ -702,6 +688,45 @@ class TrioEngine(BaseEngine):
             if armed:
                 self._nread -= 1
             c._task_exited()
+
+    def _received(self, c: TrioConnection, p: Optional[WorkerPool], data: bytes) -> None:
+        """Hand ``data`` read from ``c`` to its handler, or to its pool's batch."""
+        self._bytes_in += len(data)
+        if p is None:
+            try:
+                c._data_received(c, data)
+            except Exception as e:
+                handler_failed(c, e)
+            return
+        # Bytes of one connection read in the same turn go to the worker as one event
+        # (up to 64 KiB), as with the io_uring engine.
+        b = p._batch
+        j = c._bidx
+        if j < len(b) and b[j][0] is c and b[j][1] == DATA and len(b[j][2]) < 65536:
+            b[j] = (c, DATA, b[j][2] + data)
+            return
+        if not b:
+            self._touched.append(p)
+            self._wake_sched()
+        c._bidx = len(b)
+        b.append((c, DATA, data))
+        if p.pending + len(b) >= p.max_queue:
+            self._backpressure(p, c)
+
+    def _drain_input(self, c: TrioConnection, p: Optional[WorkerPool]) -> None:
+        """``c`` failed (the peer's reset, a failed send): what the kernel had received
+        before still reaches the handler, before ``connection_lost``. Reads what is
+        there without waiting (a reset peer sends nothing more), pauses or not."""
+        recv = c._sock.recv
+        for _ in range(_DRAIN_READS):
+            try:
+                data = recv(self._recv_size)     # the socket is non-blocking
+            except OSError:              # EAGAIN: all read; or the reset itself
+                return
+            if not data or c._deaf:
+                return
+            self._ncompleted += 1
+            self._received(c, p, data)
 
     async def _writer(self, c: TrioConnection) -> None:
         """Drains ``c``'s send queue in order; exits when it is empty (or cancelled)."""
@@ -1382,7 +1407,7 @@ class TrioEngine(BaseEngine):
         self._nursery.start_soon(self._shutdown, timeout)
 
     async def _shutdown(self, timeout: float) -> None:
-        deadline = _monotonic() + timeout
+        deadline = self._set_stop_deadline(timeout)
 
         def late() -> bool:
             return _monotonic() >= deadline
@@ -1399,7 +1424,7 @@ class TrioEngine(BaseEngine):
                 if late() and not aborted:
                     aborted = True
                     for c in list(self._conns):
-                        c.abort()
+                        self._abort_at_deadline(c)
                 await trio.sleep(0.01)
             # 3. cancel the low-level ops and wait for their final completions
             self._hard = True
@@ -1407,12 +1432,15 @@ class TrioEngine(BaseEngine):
                 rec.op._cancel_req = True    # reported as ECANCELED, not a timeout
                 rec.cancelled = True
                 rec.scope.cancel()
-            hard = _monotonic() + 5.0
+            # A file operation runs in a thread, which cannot be interrupted: its buffer
+            # is written until it returns, so the engine waits for it, however long.
+            hard = max(deadline, _monotonic()) + 0.2
             while self._ops and _monotonic() < hard:
                 await trio.sleep(0.01)
             if self._ops:
-                logger.error("%d operations did not complete within 5 s of being "
-                             "cancelled; still waiting for them", len(self._ops))
+                logger.error("%d operations did not complete after being cancelled (a "
+                             "file operation in a thread?); still waiting for them",
+                             len(self._ops))
                 while self._ops:
                     await trio.sleep(0.05)
             if not self._conns:            # a connect_tcp may have finished meanwhile

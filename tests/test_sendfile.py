@@ -161,7 +161,7 @@ def test_sendfile_refuses_bad_arguments(engine, tmp_path):
     assert isinstance(errors[0], OSError) and errors[0].errno == errno.EINVAL
     assert isinstance(errors[1], AttributeError)          # a path is not a file
     assert isinstance(errors[2], ValueError)
-    assert isinstance(errors[3], BrokenPipeError)
+    assert len(errors) == 3                  # after close(): dropped, not raised
 
 
 def test_sendfile_aborted_midway_releases_file(engine, data_file):
