@@ -15,7 +15,17 @@ completed operations, on the I/O thread or on a worker pool::
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+if not getattr(sys, "_is_gil_enabled", lambda: True)():
+    # A free-threaded build (3.13t) running without the GIL. The C layer and the engines
+    # rely on the GIL as their lock (the ring's state, counters, a connection's queues
+    # are shared by the I/O thread and the workers without one of their own): without it
+    # they would race. Refuse rather than corrupt a stream.
+    raise ImportError(
+        "proactor needs the GIL, and this free-threaded Python runs without it; run it "
+        "with the GIL enabled (PYTHON_GIL=1 or python -X gil=1)")
 
 from ._aio import EventLoopPolicy, ProactorEventLoop, install, new_event_loop, run
 from ._common import Handler, Op, Stats, TimerHandle, WorkerPool
