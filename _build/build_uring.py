@@ -283,6 +283,15 @@ static struct io_uring_sqe *px_sqe(struct px_ring *r)
     return s;
 }
 
+/* Drop the first `n` of the `*len` ints in `a`. memmove must get valid pointers even for
+ * a length of 0 (C11 7.1.4, 7.24.1), and `a` is NULL until the first connection block
+ * exists: no call, and no NULL + 0, when nothing is left to move. */
+static void ints_drop_front(int *a, unsigned *len, unsigned n)
+{
+    *len -= n;
+    if (n && *len) memmove(a, a + n, (size_t)*len * sizeof *a);
+}
+
 static void px_emit(struct px_ring *r, int type, int64_t id, int64_t res, int64_t aux)
 {
     /* Callers reserve room (px_handle, the finish list); this only guards memory. */
@@ -1055,8 +1064,7 @@ static void px_return_buffers(struct px_ring *r)
         r->op_free = r->op_dead[i];
     }
     r->nop_dead = 0;
-    r->ndead -= r->ndead_seen;
-    memmove(r->dead, r->dead + r->ndead_seen, r->ndead * sizeof(int));
+    ints_drop_front(r->dead, &r->ndead, r->ndead_seen);
     r->ndead_seen = 0;
     unsigned n = r->nrearm;
     r->nrearm = 0;
@@ -1103,8 +1111,7 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
         CONN(r, slot)->flags &= ~C_FINISH;
         conn_finish(r, slot);
     }
-    r->nfinish -= nf;
-    memmove(r->finish, r->finish + nf, r->nfinish * sizeof(int));
+    ints_drop_front(r->finish, &r->nfinish, nf);
     if (r->nev || r->nfinish || io_uring_cq_ready(&r->ring)) wait_nr = 0;
     if (wait_nr == 0) {
         ret = io_uring_submit_and_get_events(&r->ring);
