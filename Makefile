@@ -17,7 +17,7 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --n
 # Anything that changes the build of the package or its extension.
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard _build/*.py _build/*.c _build/*.h)
 
-.PHONY: all deps venv .venv run test test-all bench-deps lint clean sanitize
+.PHONY: all deps venv .venv run test test-all bench-deps lint clean
 
 all: test
 
@@ -97,12 +97,13 @@ $(SAN_DIR)/.built: $(BUILD_INPUTS) | $(STAMP)
 	@[ -f "$(LIBASAN)" ] || { echo "sanitize: $(LIBASAN) not found (gcc's libasan)"; exit 1; }
 	rm -rf $(SAN_DIR)
 	mkdir -p $(SAN_DIR)/proactor
-	ln -s $(CURDIR)/proactor/*.py $(CURDIR)/proactor/py.typed $(SAN_DIR)/proactor/
 	cd $(SAN_DIR) && PROACTOR_SANITIZE=1 $(CURDIR)/$(PY) $(CURDIR)/_build/build_uring.py \
 	    >build.log 2>&1 || { cat build.log; exit 1; }
 	touch $@
 
+.PHONY: sanitize
 sanitize: deps $(SAN_DIR)/.built
+	ln -sf $(CURDIR)/proactor/*.py $(CURDIR)/proactor/py.typed $(SAN_DIR)/proactor/
 	rm -f $(SAN_LOG).*
 	cd / && $(SAN_ENV) $(CURDIR)/$(PY) -c 'import proactor._uring_cffi as m, sys; \
 	    sys.exit(0 if m.__file__.startswith("$(CURDIR)/$(SAN_DIR)/") else \
