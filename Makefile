@@ -69,6 +69,48 @@ test: deps $(STAMP)
 test-all: deps
 	SKIP="$(SKIP)" REQUIRE_ALL="$(REQUIRE_ALL)" PYTEST_ARGS="$(PYTEST_ARGS)" tools/test-all.sh
 
+# The C layer built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (PROACTOR_SANITIZE=1, see _build/build_uring.py) into $(SAN_DIR), never over the normal
+# build in proactor/, then the engine and asyncio tests run on it. The rest of the package
+# is linked into $(SAN_DIR) file by file; PYTHONPATH puts it ahead of the editable install.
+# Python is not built with ASan, so its runtime is preloaded (and so inherited by every
+# child process of the tests).
+# * UBSan: a report aborts the test process (pytest's faulthandler then names the test);
+#   --capture=sys leaves fd 2 to the report. The target fails.
+# * ASan: an error aborts too, and is written to $(SAN_LOG).<pid>.
+# * LeakSanitizer (SAN_LEAKS=0 turns it off) writes to the same files, at each process's
+#   exit, also CPython's memory and the child processes': _build/sanitizer_logs.py fails
+#   the target on ASan errors and on leaks allocated by the extension, and ignores the rest.
+SAN_DIR   := build/sanitize
+SAN_LOG   := $(CURDIR)/$(SAN_DIR)/asan
+SAN_LEAKS ?= 1
+SAN_TESTS ?= tests/test_engine.py tests/test_ops.py tests/test_close.py tests/test_echo.py \
+             tests/test_memory_safety.py tests/test_sendfile.py tests/test_copy.py \
+             tests/test_workers.py tests/aio
+LIBASAN   ?= $(shell cc -print-file-name=libasan.so)
+SAN_ENV    = LD_PRELOAD=$(LIBASAN) PYTHONPATH=$(CURDIR)/$(SAN_DIR) PYTHONUNBUFFERED=1 \
+             UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
+             ASAN_OPTIONS=abort_on_error=1:detect_leaks=$(SAN_LEAKS):log_path=$(SAN_LOG) \
+             LSAN_OPTIONS=exitcode=0
+
+$(SAN_DIR)/.built: $(BUILD_INPUTS) | $(STAMP)
+	@[ -f "$(LIBASAN)" ] || { echo "sanitize: $(LIBASAN) not found (gcc's libasan)"; exit 1; }
+	rm -rf $(SAN_DIR)
+	mkdir -p $(SAN_DIR)/proactor
+	cd $(SAN_DIR) && PROACTOR_SANITIZE=1 $(CURDIR)/$(PY) $(CURDIR)/_build/build_uring.py \
+	    >build.log 2>&1 || { cat build.log; exit 1; }
+	touch $@
+
+.PHONY: sanitize
+sanitize: deps $(SAN_DIR)/.built
+	ln -sf $(CURDIR)/proactor/*.py $(CURDIR)/proactor/py.typed $(SAN_DIR)/proactor/
+	rm -f $(SAN_LOG).*
+	cd / && $(SAN_ENV) $(CURDIR)/$(PY) -c 'import proactor._uring_cffi as m, sys; \
+	    sys.exit(0 if m.__file__.startswith("$(CURDIR)/$(SAN_DIR)/") else \
+	             "sanitize: imported " + m.__file__ + ", not the sanitizer build")'
+	$(SAN_ENV) $(VENV)/bin/pytest --capture=sys $(SAN_TESTS) $(PYTEST_ARGS); rc=$$?; \
+	$(PY) _build/sanitizer_logs.py $(SAN_LOG) || rc=1; exit $$rc
+
 # Python peers (uvloop, trio, httptools) and nginx for bench/static_vs_nginx.sh.
 bench-deps: $(VENV)/.installed-bench
 	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update && $(APT_INSTALL) nginx; }

@@ -17,6 +17,13 @@ The C layer (``px_*``) owns everything that happens once per completion:
 Python is handed only the completions a user must see, as an array of ``px_event``
 records, once per batch. liburing 2.3 lacks ``io_uring_setup_buf_ring``: the buffer ring
 is mapped here and registered with ``io_uring_register_buf_ring``.
+
+``PROACTOR_SANITIZE=1`` in the environment builds the extension with AddressSanitizer and
+UndefinedBehaviorSanitizer (``-fsanitize=address,undefined``; any report aborts the
+process), without optimisations that hide bugs, for ``make sanitize``, which builds it
+into ``build/sanitize/`` and never over the normal build. Python is not built with ASan,
+so a process loading that build needs the ASan runtime first: ``LD_PRELOAD`` of
+``libasan.so`` (the Makefile does it).
 """
 from __future__ import annotations
 
@@ -203,6 +210,8 @@ enum {
     C_RETRY = 4096,       /* an SQE could not be had: send/cancel/accept again next turn */
     C_SEND_SOON = 8192,   /* on the list of sends to issue at the next px_reap */
     C_RESET = 16384,      /* aborted with a reset: the close sends RST, not FIN */
+    C_NOBUFS = 32768,     /* on the list of recvs waiting for buffers (ENOBUFS) */
+    C_BUFWAIT = 65536,    /* its recv was re-armed off that list and has had no data yet */
 };
 
 struct px_conn {
@@ -216,6 +225,7 @@ struct px_conn {
     int nsend;             /* chunks covered by the send in flight */
     int next_free;
     int next_send;         /* the list of sends to issue at the next px_reap */
+    int wait_prev, wait_next;   /* the list of recvs waiting for buffers */
     struct iovec iov[PX_IOV_MAX];
     struct msghdr msg;
 };
@@ -243,7 +253,9 @@ struct px_ring {
     size_t br_size;
     char *pool; unsigned nbufs, bufsize;
     uint16_t *ret; unsigned nret;       /* buffers handed out this batch, returned next */
-    int *rearm; unsigned nrearm;        /* recvs stopped by ENOBUFS, re-armed next batch */
+    int *rearm; unsigned nrearm;        /* SQE not had: re-arm/send/cancel next batch */
+    int wait_head, wait_tail;           /* recvs stopped by ENOBUFS, oldest first (FIFO) */
+    int wait_front;                     /* the last one put back at the front this turn */
     int *dead; unsigned ndead;          /* closed slots, reusable once Python saw it */
     int *finish; unsigned nfinish;      /* slots to finish (close) at the next reap */
     int send_soon;                      /* first slot of the C_SEND_SOON list, or -1 */
@@ -283,6 +295,15 @@ static struct io_uring_sqe *px_sqe(struct px_ring *r)
     return s;
 }
 
+/* Drop the first `n` of the `*len` ints in `a`. memmove must get valid pointers even for
+ * a length of 0 (C11 7.1.4, 7.24.1), and `a` is NULL until the first connection block
+ * exists: no call, and no NULL + 0, when nothing is left to move. */
+static void ints_drop_front(int *a, unsigned *len, unsigned n)
+{
+    *len -= n;
+    if (n && *len) memmove(a, a + n, (size_t)*len * sizeof *a);
+}
+
 static void px_emit(struct px_ring *r, int type, int64_t id, int64_t res, int64_t aux)
 {
     /* Callers reserve room (px_handle, the finish list); this only guards memory. */
@@ -309,6 +330,7 @@ int px_setup(struct px_ring **out, unsigned entries, unsigned cq_entries, unsign
     io_uring_register_ring_fd(&r->ring);   /* optional: saves an fd lookup per enter */
     r->probe = io_uring_get_probe_ring(&r->ring);
     r->conn_free = -1; r->op_free = -1; r->wake_fd = -1; r->send_soon = -1;
+    r->wait_head = r->wait_tail = r->wait_front = -1;
     *out = r;
     return 0;
 }
@@ -336,7 +358,11 @@ int px_setup_bufring(struct px_ring *r, char *base, unsigned nbufs, unsigned buf
     if (ret < 0) { munmap(br, size); return ret; }
     r->ret = calloc(nbufs, sizeof *r->ret);
     r->rearm = NULL;
-    if (!r->ret) { io_uring_unregister_buf_ring(&r->ring, PX_BGID); munmap(br, size); return -ENOMEM; }
+    if (!r->ret) {
+        io_uring_unregister_buf_ring(&r->ring, PX_BGID);
+        munmap(br, size);
+        return -ENOMEM;
+    }
     r->br = br; r->br_size = size; r->pool = base; r->nbufs = nbufs; r->bufsize = bufsize;
     int mask = io_uring_buf_ring_mask(nbufs);
     for (unsigned i = 0; i < nbufs; i++)
@@ -391,7 +417,8 @@ void px_destroy(struct px_ring *r)
     for (int b = 0; b < r->nops / PX_OP_BLOCK; b++) free(r->op_blocks[b]);
     if (r->probe) io_uring_free_probe(r->probe);
     for (int b = 0; b < r->nconns / PX_CONN_BLOCK; b++) free(r->blocks[b]);
-    free(r->fixed); free(r->ret); free(r->rearm); free(r->dead); free(r->finish); free(r->op_dead); free(r);
+    free(r->fixed); free(r->ret); free(r->rearm); free(r->dead); free(r->finish);
+    free(r->op_dead); free(r);
 }
 
 int px_inflight(struct px_ring *r) { return (int)r->st.inflight; }
@@ -476,6 +503,75 @@ static void arm_recv(struct px_ring *r, int slot)
     c->inflight++;
 }
 
+/*
+ * Recvs waiting for buffers. A multishot recv ends with ENOBUFS when it finds the pool
+ * empty (the bytes stay in the socket). Buffers come back to the ring at the start of
+ * the next loop turn (px_return_buffers), and only as many recvs as there are buffers
+ * can get one: re-arming every waiting connection at every turn made one submission and
+ * one failed completion per waiting connection per turn (with 2 buffers and 64 busy
+ * connections, ~17 submissions per buffer filled; 64 with 256). So a recv stopped by
+ * ENOBUFS goes on this list (oldest first), and each turn, once the buffers are back,
+ * at most as many waiters as the ring holds buffers are re-armed, from the front; the
+ * loop does not sleep while some are left. A waiter re-armed that finds the pool empty
+ * again before any data (other recvs took the buffers first) goes back to the front, in
+ * order, so none is passed over for good. A paused or closing connection taken off the
+ * list is not re-armed (a resume re-arms it).
+ */
+static void wait_insert(struct px_ring *r, int slot, int after)
+{
+    struct px_conn *c = CONN(r, slot);
+    int next = after < 0 ? r->wait_head : CONN(r, after)->wait_next;
+    c->wait_prev = after;
+    c->wait_next = next;
+    if (after < 0) r->wait_head = slot; else CONN(r, after)->wait_next = slot;
+    if (next < 0) r->wait_tail = slot; else CONN(r, next)->wait_prev = slot;
+    c->flags |= C_NOBUFS;
+}
+
+static void wait_remove(struct px_ring *r, int slot)
+{
+    struct px_conn *c = CONN(r, slot);
+    if (!(c->flags & C_NOBUFS)) return;
+    if (c->wait_prev < 0) r->wait_head = c->wait_next;
+    else CONN(r, c->wait_prev)->wait_next = c->wait_next;
+    if (c->wait_next < 0) r->wait_tail = c->wait_prev;
+    else CONN(r, c->wait_next)->wait_prev = c->wait_prev;
+    if (r->wait_front == slot) r->wait_front = c->wait_prev;
+    c->flags &= ~C_NOBUFS;
+}
+
+/* The recv of `slot` ended with ENOBUFS: wait for buffers. `again`: it had been re-armed
+ * off the list and got no data, so it keeps its place at the front. */
+static void wait_for_buffers(struct px_ring *r, int slot, int again)
+{
+    if (CONN(r, slot)->flags & C_NOBUFS) return;
+    if (again) {
+        wait_insert(r, slot, r->wait_front);
+        r->wait_front = slot;
+    } else {
+        wait_insert(r, slot, r->wait_tail);
+    }
+}
+
+/* Re-arm waiters, oldest first, at most one per buffer in the ring (all of them are,
+ * once px_return_buffers has given back what the last batch handed out). */
+static void rearm_waiters(struct px_ring *r)
+{
+    int64_t budget = (int64_t)r->nbufs - r->st.bufs_out;
+    r->wait_front = -1;
+    while (r->wait_head >= 0 && budget > 0) {
+        int slot = r->wait_head;
+        struct px_conn *c = CONN(r, slot);
+        wait_remove(r, slot);
+        if (!(c->flags & C_READ) || (c->flags & (C_CLOSING | C_RECV_ARMED | C_REARM)))
+            continue;                       /* paused, closing, or armed meanwhile */
+        arm_recv(r, slot);
+        if (!(c->flags & C_RECV_ARMED)) break;  /* no SQE: on the retry list, stop here */
+        c->flags |= C_BUFWAIT;
+        budget--;
+    }
+}
+
 static void arm_accept(struct px_ring *r, int slot)
 {
     struct px_conn *c = CONN(r, slot);
@@ -558,6 +654,7 @@ static void conn_finish(struct px_ring *r, int slot)
         setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     }
     close(c->fd);
+    wait_remove(r, slot);
     chunks_free(c->head);
     r->st.send_queued -= (int64_t)c->queued;
     px_emit(r, PX_EV_CLOSED, slot, c->err, c->err_kind);
@@ -832,7 +929,8 @@ int px_resume_reading(struct px_ring *r, int slot, uint32_t gen)
     if (!c) return -EBADF;
     if ((c->flags & (C_READ | C_CLOSING | C_EOF | C_LISTENER))) return 0;
     c->flags |= C_READ;
-    if (!(c->flags & (C_RECV_ARMED | C_REARM))) arm_recv(r, slot);
+    /* still waiting for buffers: re-armed in its turn */
+    if (!(c->flags & (C_RECV_ARMED | C_REARM | C_NOBUFS))) arm_recv(r, slot);
     return 1;
 }
 
@@ -871,7 +969,9 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
     struct px_conn *c = CONN(r, slot);
     int more = cqe->flags & IORING_CQE_F_MORE;
     int res = cqe->res;
-    if (!more) { c->flags &= ~C_RECV_ARMED; c->inflight--; }
+    int again = (c->flags & C_BUFWAIT) && res == -ENOBUFS;   /* re-armed, and no data */
+    if (!more) { c->flags &= ~(C_RECV_ARMED | C_BUFWAIT); c->inflight--; }
+    if (res > 0) c->flags &= ~C_BUFWAIT;
     if (cqe->flags & IORING_CQE_F_BUFFER) {
         unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
         /* The buffer goes back to the ring at the start of the next px_reap, after
@@ -884,10 +984,11 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
         }
     }
     if (res == -ENOBUFS) {
-        /* The pool ran dry; the data stays in the socket. Re-arm once buffers are back. */
+        /* The pool ran dry; the data stays in the socket. Re-armed once buffers are back
+         * (rearm_waiters). */
         r->st.enobufs++;
-        if (!more && (c->flags & C_READ))
-            retry_later(r, slot, C_REARM);
+        if (!more && (c->flags & C_READ) && !(c->flags & C_CLOSING))
+            wait_for_buffers(r, slot, again);
         if ((c->flags & C_CLOSING) && !more) conn_progress_close(r, slot);
         return;
     }
@@ -900,7 +1001,7 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
     }
     /* A multishot recv ends after data too, or on our cancel (pause, close): arm a new
      * one if reading is still wanted, e.g. resumed while the cancel was in flight. */
-    if (!more && (c->flags & C_READ) && !(c->flags & (C_RECV_ARMED | C_REARM)))
+    if (!more && (c->flags & C_READ) && !(c->flags & (C_RECV_ARMED | C_REARM | C_NOBUFS)))
         arm_recv(r, slot);
     if ((c->flags & C_CLOSING) && !more) conn_progress_close(r, slot);
 }
@@ -1032,7 +1133,8 @@ static int px_handle(struct px_ring *r, struct io_uring_cqe *cqe)
 }
 
 /* Give back the buffers Python has copied out of, free the slots closed last batch,
- * and re-arm recvs that hit ENOBUFS. */
+ * retry what could not get an SQE, and re-arm recvs that hit ENOBUFS as far as there
+ * are buffers for them. */
 static void px_return_buffers(struct px_ring *r)
 {
     if (r->nret) {
@@ -1055,8 +1157,7 @@ static void px_return_buffers(struct px_ring *r)
         r->op_free = r->op_dead[i];
     }
     r->nop_dead = 0;
-    r->ndead -= r->ndead_seen;
-    memmove(r->dead, r->dead + r->ndead_seen, r->ndead * sizeof(int));
+    ints_drop_front(r->dead, &r->ndead, r->ndead_seen);
     r->ndead_seen = 0;
     unsigned n = r->nrearm;
     r->nrearm = 0;
@@ -1077,6 +1178,7 @@ static void px_return_buffers(struct px_ring *r)
             conn_progress_close(r, slot);
         }
     }
+    rearm_waiters(r);
     if (r->wake_retry && r->wake_fd >= 0) px_arm_wake(r);
 }
 
@@ -1103,9 +1205,10 @@ int px_reap(struct px_ring *r, unsigned wait_nr, int64_t timeout_ns)
         CONN(r, slot)->flags &= ~C_FINISH;
         conn_finish(r, slot);
     }
-    r->nfinish -= nf;
-    memmove(r->finish, r->finish + nf, r->nfinish * sizeof(int));
-    if (r->nev || r->nfinish || io_uring_cq_ready(&r->ring)) wait_nr = 0;
+    ints_drop_front(r->finish, &r->nfinish, nf);
+    /* Waiters left over (more than buffers): the ones re-armed may find no data and
+     * take no buffer, so nothing would wake us for the rest. */
+    if (r->nev || r->nfinish || r->wait_head >= 0 || io_uring_cq_ready(&r->ring)) wait_nr = 0;
     if (wait_nr == 0) {
         ret = io_uring_submit_and_get_events(&r->ring);
     } else {
@@ -1432,13 +1535,31 @@ def _liburing_archive() -> str:
     raise RuntimeError("liburing.a not found: install liburing-dev (apt-get install liburing-dev)")
 
 
+#: Compiler flags of the normal build: -Wall -Wextra are clean with gcc 12 (not -Werror
+#: here: a newer compiler's new warning must not stop an install; the sanitizer build has
+#: it). -Wno-unused-function: liburing's static inline helpers that the C layer does not use.
+COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-function"]
+LINK_ARGS: list[str] = []
+
+#: ``PROACTOR_SANITIZE=1``: the sanitizer build (see the module docstring). -O1 -g and
+#: frame pointers for exact reports; -fno-sanitize-recover: undefined behaviour aborts
+#: instead of printing and going on; -fno-wrapv undoes Python's -fwrapv, which would make
+#: signed overflow defined and so unchecked; -Werror: the build itself must be clean.
+SANITIZE = os.environ.get("PROACTOR_SANITIZE", "") not in ("", "0")
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                  "-fno-omit-frame-pointer"]
+if SANITIZE:
+    COMPILE_ARGS = ["-O1", "-g", "-fno-wrapv", "-Werror", *COMPILE_ARGS[1:], *SANITIZE_FLAGS]
+    LINK_ARGS = list(SANITIZE_FLAGS)
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "proactor._uring_cffi",
     SOURCE,
     extra_objects=[_liburing_archive()],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    extra_compile_args=COMPILE_ARGS,
+    extra_link_args=LINK_ARGS,
 )
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ What does this mean for us?
   - Receive buffers come from the provided-buffer ring (the memory pool), which lives
     as long as the ring. A buffer picked by the kernel for a recv is copied out into a
     ``bytes`` object during dispatch and given back to the ring at the start of the next
-    loop turn.
+    loop turn. A recv that finds the pool empty ends (ENOBUFS; its bytes stay in the
+    socket) and waits in a FIFO: once buffers are back, as many waiters are re-armed as
+    there are buffers, not every waiter at every turn.
   - Send data is copied into a C-owned chunk by ``conn.send()``; the chunk is freed by the
     C layer after the send CQE that covered its last byte. The caller's object is free as
     soon as ``send()`` returns.

@@ -151,3 +151,58 @@ def test_stream_read_limit(loop):
             await writer.wait_closed()
 
     run(loop, main())
+
+
+def test_stream_echo_through_two_tiny_receive_buffers():
+    """proactor's loop with a receive pool of 2 x 64 bytes (``new_event_loop(buffers=2,
+    buffer_size=64)``; clients and server share it): 32 stream clients echo 1 MiB in all.
+    The pool is dry nearly all the time, yet every byte comes back, in order, without a
+    storm of resubmissions (there were ~13 submissions per 64 bytes received: every
+    connection waiting for buffers was re-armed at every loop turn)."""
+    import proactor
+
+    try:
+        lp = proactor.new_event_loop(buffers=2, buffer_size=64)
+    except proactor.UringUnavailable as e:
+        pytest.skip(f"proactor's loop is unavailable here: {getattr(e, 'reason', e)}")
+    if not isinstance(lp, proactor.ProactorEventLoop):
+        lp.close()
+        pytest.skip("proactor.new_event_loop() falls back to asyncio's loop here")
+
+    async def client(port, data):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def send():
+            for i in range(0, len(data), 8192):
+                writer.write(data[i:i + 8192])
+                await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.create_task(send())
+        got = bytearray()
+        while chunk := await reader.read(65536):
+            got += chunk
+        await sender
+        writer.close()
+        await writer.wait_closed()
+        return bytes(got)
+
+    async def main():
+        engine = asyncio.get_running_loop()._engine
+        server = await asyncio.start_server(echo_handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        datas = [payload(32 * 1024, seed=i) for i in range(32)]
+        before = engine.stats()
+        async with server:
+            results = await asyncio.gather(*(client(port, d) for d in datas))
+        after = engine.stats()
+        assert results == datas
+        received = after.bytes_in - before.bytes_in
+        assert received == 2 * 32 * 32 * 1024        # the server's and the clients'
+        per_64 = (after.ops_submitted - before.ops_submitted) / (received / 64)
+        assert per_64 <= 3, f"{per_64:.1f} submissions per 64 bytes received"
+
+    try:
+        lp.run_until_complete(asyncio.wait_for(main(), 50))
+    finally:
+        lp.close()
