@@ -84,7 +84,7 @@ test-all: deps
 SAN_DIR   := build/sanitize
 SAN_LOG   := $(CURDIR)/$(SAN_DIR)/asan
 SAN_LEAKS ?= 1
-SAN_TESTS ?= tests/test_engine.py tests/test_ops.py tests/test_close.py tests/test_echo.py \
+SAN_TESTS ?= tests/test_nothing_lost.py tests/test_engine.py tests/test_ops.py tests/test_close.py tests/test_echo.py \
              tests/test_memory_safety.py tests/test_sendfile.py tests/test_copy.py \
              tests/test_workers.py tests/aio
 LIBASAN   ?= $(shell cc -print-file-name=libasan.so)

@@ -78,7 +78,9 @@ int px_conn_fd(struct px_ring *r, int slot);
 int px_conn_state(struct px_ring *r, int slot, int *inflight);
 int px_send(struct px_ring *r, int slot, uint32_t gen, const char *data, size_t len);
 int px_sendfile(struct px_ring *r, int slot, uint32_t gen, int fd, uint64_t off, uint64_t count);
-int px_close(struct px_ring *r, int slot, uint32_t gen, int abort);
+int px_close(struct px_ring *r, int slot, uint32_t gen, int how);
+#define PX_CLOSE_RESET ...
+#define PX_CLOSE_DRAIN ...
 int px_pause_reading(struct px_ring *r, int slot, uint32_t gen);
 int px_resume_reading(struct px_ring *r, int slot, uint32_t gen);
 int64_t px_send_queued(struct px_ring *r, int slot, uint32_t gen);
@@ -212,7 +214,16 @@ enum {
     C_RESET = 16384,      /* aborted with a reset: the close sends RST, not FIN */
     C_NOBUFS = 32768,     /* on the list of recvs waiting for buffers (ENOBUFS) */
     C_BUFWAIT = 65536,    /* its recv was re-armed off that list and has had no data yet */
+    C_DRAIN_IN = 131072,  /* failed: reading what the kernel holds, then it closes */
 };
+
+/* Reading is wanted, by a connection's flags: not paused (C_READ), or the connection
+ * failed and what the kernel still holds for it must reach Python first (C_DRAIN_IN),
+ * until its recv has seen the end (C_EOF). */
+static inline int wants_read(uint32_t f)
+{
+    return (f & C_READ) || (f & (C_DRAIN_IN | C_EOF)) == C_DRAIN_IN;
+}
 
 struct px_conn {
     int fd;
@@ -563,7 +574,7 @@ static void rearm_waiters(struct px_ring *r)
         int slot = r->wait_head;
         struct px_conn *c = CONN(r, slot);
         wait_remove(r, slot);
-        if (!(c->flags & C_READ) || (c->flags & (C_CLOSING | C_RECV_ARMED | C_REARM)))
+        if (!wants_read(c->flags) || (c->flags & (C_RECV_ARMED | C_REARM)))
             continue;                       /* paused, closing, or armed meanwhile */
         arm_recv(r, slot);
         if (!(c->flags & C_RECV_ARMED)) break;  /* no SQE: on the retry list, stop here */
@@ -673,6 +684,12 @@ static void conn_progress_close(struct px_ring *r, int slot)
     struct px_conn *c = CONN(r, slot);
     if (!(c->flags & C_CLOSING)) return;
     if (!(c->flags & C_ABORT) && c->head) return;      /* still flushing */
+    if ((c->flags & (C_DRAIN_IN | C_EOF)) == C_DRAIN_IN) {
+        /* Reading what the kernel holds: the recv ends by itself (SHUT_RD). A send or
+         * file read in flight is cancelled (the recv too, and re-armed after it). */
+        if (c->flags & C_SENDING) cancel_conn(r, slot);
+        return;
+    }
     if (c->inflight == 0) {
         if (r->in_reap) { conn_finish(r, slot); return; }   /* room is reserved */
         /* Called from Python between reaps (px_close): finish at the next reap, whose
@@ -684,6 +701,35 @@ static void conn_progress_close(struct px_ring *r, int slot)
 }
 
 static void record_err(struct px_conn *c, int res, int kind);
+
+/* Read what the kernel still holds for a connection that is to close, before it closes:
+ * its read side is shut down (Linux keeps the bytes queued, and a recv returns 0 once
+ * they are read: no waiting for more), and a recv is armed if none is, paused or not.
+ * conn_progress_close waits for that recv to end. Not for a listener, nor once the recv
+ * has seen the end. */
+static void conn_drain_input(struct px_ring *r, int slot)
+{
+    struct px_conn *c = CONN(r, slot);
+    c->flags &= ~C_READ;
+    if (c->flags & (C_EOF | C_LISTENER)) return;
+    c->flags |= C_DRAIN_IN;
+    shutdown(c->fd, SHUT_RD);
+    if (!(c->flags & (C_RECV_ARMED | C_REARM | C_NOBUFS))) arm_recv(r, slot);
+}
+
+/* The connection failed (a send, a queued file's read): `err` is reported, sending
+ * stops, the connection closes (with a reset if `reset`). What the peer sent before
+ * still reaches Python first, unless the connection was already closing: then Python
+ * asked for the close and wants no more data. */
+static void conn_failed(struct px_ring *r, int slot, int err, int kind, int reset)
+{
+    struct px_conn *c = CONN(r, slot);
+    record_err(c, err, kind);
+    if (!(c->flags & C_CLOSING)) conn_drain_input(r, slot);
+    c->flags |= C_CLOSING | C_ABORT | (reset ? C_RESET : 0);
+    c->flags &= ~C_READ;
+    conn_progress_close(r, slot);
+}
 
 /* A file chunk must be (re)loaded before it can be sent. */
 #define CHUNK_NEEDS_LOAD(ch) ((ch)->ffd >= 0 && (ch)->off == (ch)->len)
@@ -712,12 +758,7 @@ static int chunk_load_nowait(struct px_chunk *ch)
  * the connection fails (abort), reported with the error. */
 static void file_failed(struct px_ring *r, int slot, int err)
 {
-    struct px_conn *c = CONN(r, slot);
-    record_err(c, err, PX_K_FREAD);
-    c->flags |= C_CLOSING | C_ABORT | C_RESET;     /* the body is cut short */
-    if (c->flags & C_READ) cancel_recv(r, slot);
-    c->flags &= ~C_READ;
-    conn_progress_close(r, slot);
+    conn_failed(r, slot, err, PX_K_FREAD, 1);      /* a reset: the body is cut short */
 }
 
 /* The head is a file chunk not in the page cache: let the ring read its next window;
@@ -876,22 +917,29 @@ int px_want_drain(struct px_ring *r, int slot, uint32_t gen)
 }
 
 /* px_close's ``abort``: 0 after the queued data, 1 now (a FIN), PX_CLOSE_RESET now with
- * a reset (RST). proactor._common's GRACEFUL, ABORT and RESET. */
+ * a reset (RST). proactor._common's GRACEFUL, ABORT and RESET. An abort may add
+ * PX_CLOSE_DRAIN: what the kernel holds is still read and reported first (the handler
+ * is owed what was received before the connection failed). */
 #define PX_CLOSE_RESET 2
+#define PX_CLOSE_DRAIN 4
 
 /* Close: graceful (queued bytes are sent first) or abort (in-flight requests are
  * cancelled, unsent bytes dropped). Either way the fd is closed only after the final
  * completion of every request on it, and PX_EV_CLOSED follows. */
-int px_close(struct px_ring *r, int slot, uint32_t gen, int abort)
+int px_close(struct px_ring *r, int slot, uint32_t gen, int how)
 {
     struct px_conn *c = conn_get(r, slot, gen);
+    int abort = how & ~PX_CLOSE_DRAIN;
     if (!c) return -EBADF;
     if (!(c->flags & C_CLOSING)) {
         /* A listener stops listening now, not when its accept's cancel completes: a
          * client connecting after close() is refused. */
         if (c->flags & C_LISTENER) shutdown(c->fd, SHUT_RDWR);
+        if (abort && (how & PX_CLOSE_DRAIN))
+            conn_drain_input(r, slot);
+        else if (c->flags & C_READ)
+            cancel_recv(r, slot);                       /* stop reading now */
         c->flags |= C_CLOSING;
-        if (c->flags & C_READ) cancel_recv(r, slot);   /* stop reading now */
         c->flags &= ~C_READ;
     }
     if (abort) c->flags |= C_ABORT;
@@ -987,21 +1035,22 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
         /* The pool ran dry; the data stays in the socket. Re-armed once buffers are back
          * (rearm_waiters). */
         r->st.enobufs++;
-        if (!more && (c->flags & C_READ) && !(c->flags & C_CLOSING))
+        if (!more && wants_read(c->flags))
             wait_for_buffers(r, slot, again);
         if ((c->flags & C_CLOSING) && !more) conn_progress_close(r, slot);
         return;
     }
     if (res <= 0 && res != -ECANCELED && !(c->flags & C_EOF)) {
-        /* 0: orderly shutdown by the peer; <0: the connection failed */
+        /* 0: orderly shutdown by the peer (or the end of a drain); <0: the connection
+         * failed. Not news once it is closing. */
         c->flags |= C_EOF;
         c->flags &= ~C_READ;
         if (res < 0) record_err(c, res, PX_K_RECV);
-        px_emit(r, PX_EV_EOF, slot, res, 0);
+        if (!(c->flags & C_CLOSING)) px_emit(r, PX_EV_EOF, slot, res, 0);
     }
     /* A multishot recv ends after data too, or on our cancel (pause, close): arm a new
      * one if reading is still wanted, e.g. resumed while the cancel was in flight. */
-    if (!more && (c->flags & C_READ) && !(c->flags & (C_RECV_ARMED | C_REARM | C_NOBUFS)))
+    if (!more && wants_read(c->flags) && !(c->flags & (C_RECV_ARMED | C_REARM | C_NOBUFS)))
         arm_recv(r, slot);
     if ((c->flags & C_CLOSING) && !more) conn_progress_close(r, slot);
 }
@@ -1014,18 +1063,17 @@ static void on_send(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
     c->flags &= ~C_SENDING;
     if (res < 0) {
         if (res == -EINTR || res == -EAGAIN) { issue_send(r, slot); return; }
-        if (res != -ECANCELED) record_err(c, res, PX_K_SEND);
-        /* the peer is gone or we aborted: drop the rest, then close */
-        c->flags |= C_CLOSING | C_ABORT;
+        if (res != -ECANCELED) {        /* the peer is gone: drop the rest, close */
+            conn_failed(r, slot, res, PX_K_SEND, 0);
+            return;
+        }
+        c->flags |= C_CLOSING | C_ABORT;    /* we aborted */
         c->flags &= ~C_READ;
         conn_progress_close(r, slot);
         return;
     }
     if (res == 0) {                     /* a send of >0 bytes never returns 0 */
-        record_err(c, -EIO, PX_K_SEND);
-        c->flags |= C_CLOSING | C_ABORT;
-        c->flags &= ~C_READ;
-        conn_progress_close(r, slot);
+        conn_failed(r, slot, -EIO, PX_K_SEND, 0);
         return;
     }
     r->st.bytes_out += (uint64_t)res;
@@ -1169,7 +1217,7 @@ static void px_return_buffers(struct px_ring *r)
         if (!(f & C_USED)) continue;
         if (f & C_LISTENER) {
             if ((f & C_REARM) && !(f & (C_CLOSING | C_RECV_ARMED))) arm_accept(r, slot);
-        } else if ((f & C_REARM) && (f & C_READ) && !(f & C_RECV_ARMED)) {
+        } else if ((f & C_REARM) && wants_read(f) && !(f & C_RECV_ARMED)) {
             arm_recv(r, slot);
         }
         if (f & C_RETRY) {

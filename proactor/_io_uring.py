@@ -256,6 +256,8 @@ class UringConnection(BaseConnection):
     # -- closing
     def _close_now(self, abort: int) -> None:
         if not self._closed:
+            if abort and not self._deaf:       # failed: the handler is owed what was
+                abort |= lib.PX_CLOSE_DRAIN    # received before, also what is unread
             lib.px_close(self._r, self._slot, self._gen, abort)
 
     # -- information
