@@ -683,10 +683,36 @@ class BaseServer:
         self.addresses = [s.getsockname() for s in socks]
         self._closing = False
         self._open_listeners = 0             # listening sockets not closed yet
+        #: listening socket (the backend's key) -> [accepts failed in a row, since when]
+        self._accept_failing: dict = {}
 
     @property
     def port(self) -> int:
         return self.addresses[0][1]
+
+    def _accept_failed(self, listener: Any, exc: OSError) -> None:
+        """Called by the backend when an accept on ``listener`` (its key for the listening
+        socket) failed and is retried in 0.1 s (at the fd limit: EMFILE; or ENFILE,
+        ENOMEM). Only the first failure is logged; the next ones are counted until an
+        accept on that socket succeeds again (:meth:`_accept_succeeded`): a limit reached
+        for a minute is two lines in the log, not six hundred."""
+        failing = self._accept_failing.get(listener)
+        if failing is not None:
+            failing[0] += 1
+            return
+        self._accept_failing[listener] = [1, time.monotonic()]
+        logger.warning("accept on %s failed: %s; retrying every 0.1 s (logged again once "
+                       "it succeeds)", self.addresses, exc)
+
+    def _accept_succeeded(self, listener: Any) -> None:
+        """Called by the backend after a successful accept on ``listener`` while
+        ``_accept_failing`` is not empty: the failures before it are summed up."""
+        failing = self._accept_failing.pop(listener, None)
+        if failing is not None:
+            count, since = failing
+            logger.warning("accept on %s works again, after %d failed attempt%s in %.1f s",
+                           self.addresses, count, "" if count == 1 else "s",
+                           time.monotonic() - since)
 
     def _start(self) -> None:
         """Backend: start accepting on the sockets (engine's thread, once it runs)."""

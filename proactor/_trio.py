@@ -792,11 +792,11 @@ class TrioEngine(BaseEngine):
                         except OSError as e:
                             if e.errno in _ACCEPT_TRANSIENT:
                                 continue
-                            logger.warning("accept on %s failed: %s; retrying in 0.1 s",
-                                           srv.addresses, os_error(e.errno or errno.EIO,
-                                                                   "accept"))
+                            srv._accept_failed(fd, os_error(e.errno or errno.EIO, "accept"))
                             await trio.sleep(0.1)
                             break
+                        if srv._accept_failing:
+                            srv._accept_succeeded(fd)
                         self._ncompleted += 1
                         self._accepted(srv, s)
         except Exception:  # noqa: BLE001 - a bug here must not end the engine

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import queue
 import random
@@ -26,6 +27,7 @@ from support import (
     free_port,
     has_feature,
     on_engine_thread,
+    open_fds,
     recv_exactly,
     recv_until_eof,
     wait_until,
@@ -325,6 +327,62 @@ def test_connection_lost_raises(engine, log_errors, workers):
     wait_until(lambda: log_errors.matching("connection_lost of"))
     echo_once(("127.0.0.1", srv.port))
     wait_until(lambda: len(log_errors.matching("connection_lost of")) == 2)
+
+
+def test_accept_at_the_fd_limit_logs_once_then_sums_up(engine, log_errors, caplog):
+    """At the fd limit accept fails (EMFILE) and is retried every 0.1 s: the first failure
+    is logged, the retries are not (they were, ten times a second), and the first accept
+    that succeeds again logs how many failed. The client that waited in the backlog is
+    then served. (The fds of this process run out for a while: everything the test needs
+    is open before, and they are given back in any case.)"""
+    import resource
+
+    caplog.set_level(logging.WARNING, logger="proactor")
+
+    def accept_logs() -> list:
+        return [r.getMessage() for r in caplog.records
+                if r.name == "proactor" and r.getMessage().startswith("accept on")]
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list = []
+    with socket.socket() as client:
+        client.settimeout(20)
+        try:
+            # Lowered before the server starts: io_uring's accept takes the limit in force
+            # when it is armed.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 16, hard))
+            srv = engine.serve_tcp(Echo, "127.0.0.1", 0)
+            fds = len(open_fds())
+            echo_once(("127.0.0.1", srv.port))
+            # Its fd closed first: freed later, it would let the next accept through.
+            wait_until(lambda: len(open_fds()) <= fds)
+            while True:
+                try:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError as e:
+                    assert e.errno == errno.EMFILE, e
+                    break
+            client.connect(("127.0.0.1", srv.port))      # waits in the backlog
+            client.sendall(b"ping")
+            wait_until(accept_logs, timeout=10)
+            time.sleep(0.5)                 # about five retries, all failing
+            failing = accept_logs()
+            assert len(failing) == 1, failing
+            assert "Too many open files" in failing[0], failing
+            for fd in held:
+                os.close(fd)
+            held = []
+            assert recv_exactly(client, 4) == b"ping"
+            wait_until(lambda: len(accept_logs()) == 2, timeout=10)
+            echo_once(("127.0.0.1", srv.port))
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    logs = accept_logs()
+    assert len(logs) == 2, logs
+    assert re.search(r"accept on .* works again, after \d+ failed attempts? in ", logs[1]), \
+        logs
 
 
 def test_stop_lets_busy_workers_finish(make_engine):
