@@ -510,7 +510,14 @@ class RequestReader(_Reader):
         version = p.get_http_version()
         if version not in ("1.0", "1.1"):
             raise self._fail(505, f"HTTP/{version} is not supported")
-        if url[:1] != b"/" and b"://" in url[:8]:
+        if url[:1] == b"*":
+            # The asterisk form asks about the server as a whole, and only OPTIONS can
+            # (RFC 9112 section 3.2.4); llhttp also lets "*..." through.
+            if url != b"*":
+                raise self._fail(400, "invalid request target")
+            if method != b"OPTIONS":
+                raise self._fail(400, "the target * is only for OPTIONS")
+        elif url[:1] != b"/" and b"://" in url[:8]:
             url, fields = self._origin_form(url, fields)
         http10 = version == "1.0"
         keep_alive = p.should_keep_alive()

@@ -423,6 +423,10 @@ CHUNKED_POST = b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r
     (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\n\r\n", 400),                          # no Host
     (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),        # * only with OPTIONS
+    (b"HEAD * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"POST * HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", 400),
+    (b"OPTIONS *x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
 ])
 def test_request_reader_refuses(raw, status):
     config = proxy_mod.ProxyConfig("127.0.0.1", 1, max_url=100, max_head=500)
@@ -1386,6 +1390,7 @@ def test_idle_connections_expire(engine, make_upstream, make_proxy):
     (CHUNKED_POST + (b"X-T: " + b"t" * 100 + b"\r\n") * 30, 431),
     (CHUNKED_POST + b"X-T: " + b"t" * 5000, 431),
     (b"CONNECT t:443 HTTP/1.1\r\nHost: t:443\r\n\r\n", 501),
+    (b"GET * HTTP/1.1\r\nHost: t\r\n\r\n", 400),
 ])
 def test_client_errors(engine, make_upstream, make_proxy, raw, status):
     """A bad request is answered (after the good one before it) and the connection closed;
@@ -1400,6 +1405,18 @@ def test_client_errors(engine, make_upstream, make_proxy, raw, status):
         c.assert_closed()
     assert [r.target for r in up.requests] == [b"/good"]
     assert h.wait_stats(clients=0).client_errors == 1
+
+
+def test_options_asterisk_is_forwarded(engine, make_upstream, make_proxy):
+    """``OPTIONS *`` goes upstream as it came (``GET *`` is refused: test_client_errors)."""
+    up = make_upstream(lambda req: [ok(headers=(b"Allow: GET, HEAD, OPTIONS",))])
+    h = make_proxy(up.port)
+    with h.client() as c:
+        r = c.request(get_req("*", method=b"OPTIONS"), method=b"OPTIONS")
+        assert r.status == 200 and r.header(b"allow") == b"GET, HEAD, OPTIONS"
+        assert c.get("/after").status == 200
+    assert [(r.method, r.target) for r in up.requests] == [(b"OPTIONS", b"*"),
+                                                           (b"GET", b"/after")]
 
 
 def test_stats_endpoint(engine, make_upstream, make_proxy):
