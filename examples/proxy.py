@@ -518,7 +518,7 @@ class RequestReader(_Reader):
             if method != b"OPTIONS":
                 raise self._fail(400, "the target * is only for OPTIONS")
         elif url[:1] != b"/" and b"://" in url[:8]:
-            url, fields = self._origin_form(url, fields)
+            url, fields = self._origin_form(method, url, fields)
         http10 = version == "1.0"
         keep_alive = p.should_keep_alive()
         # Several Transfer-Encoding lines are one list (the parser reads them so). Only
@@ -564,10 +564,11 @@ class RequestReader(_Reader):
         self._req = req
         self.sink.on_request(req)
 
-    def _origin_form(self, url: bytes, fields: list) -> tuple:
+    def _origin_form(self, method: bytes, url: bytes, fields: list) -> tuple:
         """An absolute-form target (``http://host/path``): its authority is the Host,
         whatever the Host field says (RFC 9112 section 3.2.2), and the upstream gets the
-        origin form."""
+        origin form; or ``*`` for an OPTIONS with neither path nor query, which asks
+        about the server as a whole (RFC 9112 section 3.2.4)."""
         scheme, _, rest = url.partition(b"://")
         if scheme.lower() not in (b"http", b"https"):
             raise self._fail(400, "invalid request target")
@@ -579,7 +580,10 @@ class RequestReader(_Reader):
         authority, path = rest[:end], rest[end:]
         if not authority or b"@" in authority or not _HOST_CHARS.issuperset(authority):
             raise self._fail(400, "invalid request target")
-        path = path if path[:1] == b"/" else b"/" + path
+        if not path and method == b"OPTIONS":
+            path = b"*"
+        elif path[:1] != b"/":
+            path = b"/" + path
         return path, [(b"Host", b"host", authority)] + [f for f in fields if f[1] != b"host"]
 
     def on_body(self, data: bytes) -> None:

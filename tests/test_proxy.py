@@ -495,6 +495,23 @@ def test_request_reader_absolute_form_target():
         assert e.value.status == 400
 
 
+def test_request_reader_asterisk_form_only_for_options():
+    """RFC 9112 section 3.2.4: ``*`` is the target of an OPTIONS about the server as a
+    whole, forwarded as it is; an absolute-form OPTIONS with neither path nor query asks
+    the same and goes upstream as ``*``; with a path or a query it is not."""
+    sink = Sink()
+    reader = proxy_mod.RequestReader(sink, proxy_mod.ProxyConfig("127.0.0.1", 1))
+    reader.feed(b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"OPTIONS http://b.test HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"OPTIONS http://b.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"OPTIONS http://b.test?q HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    heads = [r.head for k, r in sink.events if k == "request"]
+    assert heads == [b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\nVia: 1.1 proactor\r\n\r\n",
+                     b"OPTIONS * HTTP/1.1\r\nHost: b.test\r\nVia: 1.1 proactor\r\n\r\n",
+                     b"OPTIONS / HTTP/1.1\r\nHost: b.test\r\nVia: 1.1 proactor\r\n\r\n",
+                     b"OPTIONS /?q HTTP/1.1\r\nHost: b.test\r\nVia: 1.1 proactor\r\n\r\n"]
+
+
 def test_request_reader_http10_with_transfer_encoding_closes_after():
     """RFC 9112 section 6.1: an HTTP/1.0 request with Transfer-Encoding has faulty
     framing: it is answered, then the client's connection closes."""
