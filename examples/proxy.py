@@ -1,7 +1,7 @@
 """Reverse proxy with a pool of persistent upstream connections.
 
 usage: python examples/proxy.py --upstream HOST:PORT [--host H] [--backend B]
-           [--pool-size N | --no-pool] [--max-connections N] [--max-idle S]
+           [--pool-size N | --no-pool] [--max-upstream N] [--max-idle S]
            [--connect-timeout S] [--response-timeout S] [--client-timeout S]
            [--forwarded-for] [--stats-interval S] [--stats-path PATH] PORT
 
@@ -36,7 +36,7 @@ handler may block. The pieces, from the client inwards:
 * :class:`UpstreamPool` holds the upstream connections (:class:`UpstreamConnection`):
   idle ones are reused last-in first-out, so the ones that stay idle are the ones that
   expire; at most ``pool_size`` are kept idle and none longer than ``max_idle``; with
-  ``max_connections`` the requests beyond it wait for one to be released (503 after
+  ``max_upstream`` the requests beyond it wait for one to be released (503 after
   ``connect_timeout``). A connection goes back to the pool only after a complete
   response that did not ask to close (``Connection: close`` or HTTP/1.0 without
   keep-alive) and a request that was complete before the response began. An idle
@@ -117,10 +117,10 @@ class ProxyConfig:
     #: Idle upstream connections kept for reuse; 0: a fresh connection per request.
     pool_size: int = 128
     #: Upstream connections open at once (connecting, in use or idle); 0: no limit.
-    max_connections: int = 0
+    max_upstream: int = 0
     #: Seconds an idle upstream connection is kept.
     max_idle: float = 30.0
-    #: Seconds to connect (504 after), and to wait for a connection when at max_connections.
+    #: Seconds to connect (504 after), and to wait for a connection when at max_upstream.
     connect_timeout: float = 5.0
     #: Seconds from the request sent to the complete response head (504 after), the
     #: longest time the upstream may take none of the request body (504), and the longest
@@ -155,7 +155,7 @@ class ProxyStats:
     Upstream connections: ``created`` opened; ``reused`` requests sent on a connection that
     had served one before; ``dropped`` idle pooled connections found dead (closed, reset
     or talking while idle) and removed; ``expired`` idle ones the proxy closed (after
-    ``max_idle``, or the oldest to make room at ``max_connections`` for a retry's fresh
+    ``max_idle``, or the oldest to make room at ``max_upstream`` for a retry's fresh
     connection); ``discarded`` closed instead of pooled, not for a fault of the upstream:
     after a response (the upstream asked to close, the pool was full, the response began
     before the request was complete), or mid-exchange for the client's sake (it left,
@@ -163,7 +163,7 @@ class ProxyStats:
     ``failed`` broken during an exchange by the upstream (reset, closed early, invalid or
     too large response, timeout); ``connect_errors`` connects that failed or timed out.
     Now: ``idle``, ``in_use``, ``connecting``, ``waiting`` (requests waiting for a
-    connection at ``max_connections``).
+    connection at ``max_upstream``).
 
     Requests: ``requests`` received for the upstream (not those for ``stats_path``, which
     the proxy answers, nor those refused for their head, counted in ``client_errors``
@@ -883,7 +883,7 @@ class UpstreamPool:
 
     @property
     def open(self) -> int:
-        """Connections not closed yet (all that count against ``max_connections``)."""
+        """Connections not closed yet (all that count against ``max_upstream``)."""
         c = self.count
         return c[CONNECTING] + c[ACTIVE] + c[IDLE] + c[CLOSING]
 
@@ -902,7 +902,7 @@ class UpstreamPool:
         if not fresh and self.idle:
             self._give(self.idle.pop(), client)
             return
-        limit = self.config.max_connections
+        limit = self.config.max_upstream
         if limit and self.open >= limit:
             if fresh and self.idle:        # make room: the oldest idle connection goes
                 self.counters.expired += 1
@@ -1062,7 +1062,7 @@ class UpstreamPool:
         self._serve_waiters()
 
     def _serve_waiters(self) -> None:
-        limit = self.config.max_connections
+        limit = self.config.max_upstream
         while self.waiters and not self.closed and (not limit or self.open < limit):
             client = self.waiters.popleft()
             client.waiting = False
@@ -1658,7 +1658,7 @@ def main() -> None:
                         "connection per request (default %(default)s)")
     p.add_argument("--no-pool", dest="pool_size", action="store_const", const=0,
                    help="the same as --pool-size 0")
-    p.add_argument("--max-connections", metavar="N", type=int, default=d.max_connections,
+    p.add_argument("--max-upstream", metavar="N", type=int, default=d.max_upstream,
                    help="upstream connections open at once, 0: no limit; requests beyond "
                         "it wait up to --connect-timeout, then get 503 (default %(default)s)")
     p.add_argument("--max-idle", metavar="S", type=float, default=d.max_idle,
@@ -1681,8 +1681,8 @@ def main() -> None:
                    help="path answered with the statistics as JSON, '' for none "
                         "(default %(default)s)")
     a = p.parse_args()
-    if a.pool_size < 0 or a.max_connections < 0:
-        p.error("--pool-size and --max-connections must be >= 0")
+    if a.pool_size < 0 or a.max_upstream < 0:
+        p.error("--pool-size and --max-upstream must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     host, port = a.upstream
@@ -1692,7 +1692,7 @@ def main() -> None:
         p.error(f"cannot resolve {host}: {e}")
     config = ProxyConfig(
         upstream_host=info[4][0], upstream_port=port, pool_size=a.pool_size,
-        max_connections=a.max_connections, max_idle=a.max_idle,
+        max_upstream=a.max_upstream, max_idle=a.max_idle,
         connect_timeout=a.connect_timeout, response_timeout=a.response_timeout,
         client_timeout=a.client_timeout, forwarded_for=a.forwarded_for,
         stats_path=a.stats_path.encode())

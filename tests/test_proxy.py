@@ -967,10 +967,10 @@ def test_without_a_pool_no_connection_serves_two_requests(engine, make_upstream,
                                                           make_proxy):
     """pool_size=0 asks the upstream to close after each request, so no request may
     follow on that connection (RFC 9112 section 9.6), not even one waiting for a
-    connection under max_connections, and whatever the response said: POSTs (never
+    connection under max_upstream, and whatever the response said: POSTs (never
     retried) all succeed, none reuses a connection."""
     up = make_upstream(lambda req: [0.2, ok(b"done"), 0.05, CLOSE])   # close not echoed
-    h = make_proxy(up.port, pool_size=0, max_connections=1)
+    h = make_proxy(up.port, pool_size=0, max_upstream=1)
     results = []
 
     def post() -> None:
@@ -1018,11 +1018,11 @@ def test_pool_size_limits_idle_connections(engine, make_upstream, make_proxy):
             c.close()
 
 
-def test_max_connections_under_concurrency(engine, make_upstream, make_proxy):
-    """8 clients × 5 requests at once through max_connections=2: all answered, never more
+def test_max_upstream_under_concurrency(engine, make_upstream, make_proxy):
+    """8 clients × 5 requests at once through max_upstream=2: all answered, never more
     than 2 upstream connections open, the same 2 serving every request."""
     up = make_upstream(lambda req: [0.005, ok(req.target)])
-    h = make_proxy(up.port, pool_size=2, max_connections=2)
+    h = make_proxy(up.port, pool_size=2, max_upstream=2)
     errors: list = []
 
     def run(i: int) -> None:
@@ -1044,9 +1044,9 @@ def test_max_connections_under_concurrency(engine, make_upstream, make_proxy):
     assert (st.created, st.reused, st.requests) == (2, 38, 40)
 
 
-def test_max_connections_wait_times_out_503(engine, make_upstream, make_proxy):
+def test_max_upstream_wait_times_out_503(engine, make_upstream, make_proxy):
     up = make_upstream(lambda req: [30.0] if req.target == b"/stall" else [ok(b"ok")])
-    h = make_proxy(up.port, max_connections=1, connect_timeout=0.3)
+    h = make_proxy(up.port, max_upstream=1, connect_timeout=0.3)
     with h.client() as a, h.client() as b:
         a.send(get_req("/stall"))
         wait_until(lambda: len(up.requests) == 1)
@@ -1096,7 +1096,7 @@ def test_reused_connection_failing_is_retried_for_get_only(engine, make_upstream
 
 def test_retry_making_room_counts_the_closed_idle_connection(engine, make_upstream,
                                                              make_proxy):
-    """At max_connections, a retry's fresh connection needs room: the oldest idle one is
+    """At max_upstream, a retry's fresh connection needs room: the oldest idle one is
     closed for it, and counted (as expired: closed idle by the proxy)."""
     both = threading.Barrier(2, timeout=10)
 
@@ -1107,7 +1107,7 @@ def test_retry_making_room_counts_the_closed_idle_connection(engine, make_upstre
         return [CLOSE] if req.index == 1 else [ok(req.target)]
 
     up = make_upstream(respond)
-    h = make_proxy(up.port, max_connections=2)
+    h = make_proxy(up.port, max_upstream=2)
     with h.client() as a, h.client() as b:
         a.send(get_req("/a"))
         b.send(get_req("/b"))
