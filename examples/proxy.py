@@ -1,9 +1,10 @@
 """Reverse proxy with a pool of persistent upstream connections.
 
 usage: python examples/proxy.py --upstream HOST:PORT [--host H] [--backend B]
-           [--pool-size N | --no-pool] [--max-upstream N] [--max-idle S]
-           [--connect-timeout S] [--response-timeout S] [--client-timeout S]
-           [--forwarded-for] [--stats-interval S] [--stats-path PATH] PORT
+           [--max-connections N] [--pool-size N | --no-pool] [--max-upstream N]
+           [--max-idle S] [--connect-timeout S] [--response-timeout S]
+           [--client-timeout S] [--forwarded-for] [--stats-interval S]
+           [--stats-path PATH] PORT
 
 Every request from a client goes to the one upstream server over HTTP/1.1, on a
 connection from the pool when one is idle, and the response comes back to the client.
@@ -23,7 +24,8 @@ handler may block. The pieces, from the client inwards:
   chunk and any trailers go at the end). The parser says where each message ends, so
   pipelined requests need no byte offsets.
 * :class:`ClientConnection` (one per client) queues its requests and serves them one at
-  a time, in order. While a request is outstanding and another one is queued behind it,
+  a time, in order. Beyond ``max_connections`` clients a new one is answered 503 and
+  closed. While a request is outstanding and another one is queued behind it,
   it stops reading from the client. It keeps the timeouts of its side and sends the
   errors the proxy answers itself (400, 408, 414, 431, 501, 502, 503, 504).
 * :class:`ResponseReader` (sans-IO) parses the upstream's response with httptools'
@@ -35,12 +37,13 @@ handler may block. The pieces, from the client inwards:
   follows.
 * :class:`UpstreamPool` holds the upstream connections (:class:`UpstreamConnection`):
   idle ones are reused last-in first-out, so the ones that stay idle are the ones that
-  expire; at most ``pool_size`` are kept idle and none longer than ``max_idle``; with
-  ``max_upstream`` the requests beyond it wait for one to be released (503 after
-  ``connect_timeout``). A connection goes back to the pool only after a complete
-  response that did not ask to close (``Connection: close`` or HTTP/1.0 without
-  keep-alive) and a request that was complete before the response began. An idle
-  connection the upstream closes, resets or sends bytes on is dropped on the spot.
+  expire; at most ``pool_size`` are kept idle and none longer than ``max_idle``; beyond
+  ``max_upstream`` connections (by default ``max_connections``: one per client) the
+  requests wait for one to be released (503 after ``connect_timeout``). A connection
+  goes back to the pool only after a complete response that did not ask to close
+  (``Connection: close`` or HTTP/1.0 without keep-alive) and a request that was complete
+  before the response began. An idle connection the upstream closes, resets or sends
+  bytes on is dropped on the spot.
 * :class:`Proxy` ties them together: one timer tick checks every deadline (so a request
   costs no timer of its own), statistics (:class:`ProxyStats`) and shutdown.
 
@@ -91,6 +94,8 @@ HIGH_WATER = 256 * 1024
 CHECK_EVERY = 64 * 1024
 #: A GET/HEAD is kept for a retry only while what was sent of it stays under this size.
 REPLAY_LIMIT = 64 * 1024
+#: Clients refused at max_connections are logged at most this often (seconds).
+REFUSALS_LOGGED_EVERY = 60.0
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1): they concern one connection and are not
 #: forwarded. Transfer-Encoding is hop-by-hop too; it is handled where the body is.
@@ -114,9 +119,12 @@ class ProxyConfig:
 
     upstream_host: str
     upstream_port: int
+    #: Client connections open at once; one more is answered 503 and closed.
+    max_connections: int = 5000
     #: Idle upstream connections kept for reuse; 0: a fresh connection per request.
     pool_size: int = 128
-    #: Upstream connections open at once (connecting, in use or idle); 0: no limit.
+    #: Upstream connections open at once (connecting, in use or idle); 0: as many as
+    #: ``max_connections`` (one per client: a client has one request upstream at a time).
     max_upstream: int = 0
     #: Seconds an idle upstream connection is kept.
     max_idle: float = 30.0
@@ -138,6 +146,11 @@ class ProxyConfig:
     #: response head and trailers (502).
     max_url: int = 8192
     max_head: int = 65536
+
+    @property
+    def upstream_limit(self) -> int:
+        """The cap on upstream connections: ``max_upstream``, else ``max_connections``."""
+        return self.max_upstream or self.max_connections
 
     @property
     def default_host(self) -> bytes:
@@ -171,7 +184,9 @@ class ProxyStats:
     ``bad_gateway`` (502), ``unavailable`` (503), ``gateway_timeout`` (504) and
     ``client_errors`` (requests refused: 400, 405, 408, 414, 431, 501) answered by the
     proxy itself; ``aborted`` client connections
-    aborted mid-response; ``clients`` open now.
+    aborted mid-response; ``refused`` client connections turned away at
+    ``max_connections`` (answered 503 before any request was read; not in
+    ``unavailable``, which counts requests); ``clients`` open now.
     """
 
     created: int
@@ -192,6 +207,7 @@ class ProxyStats:
     gateway_timeout: int
     client_errors: int
     aborted: int
+    refused: int
     clients: int
 
     def as_dict(self) -> dict:
@@ -206,7 +222,7 @@ class Counters:
 
     __slots__ = ("created", "reused", "dropped", "expired", "discarded", "failed",
                  "connect_errors", "requests", "retried", "bad_gateway", "unavailable",
-                 "gateway_timeout", "client_errors", "aborted")
+                 "gateway_timeout", "client_errors", "aborted", "refused")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -902,8 +918,8 @@ class UpstreamPool:
         if not fresh and self.idle:
             self._give(self.idle.pop(), client)
             return
-        limit = self.config.max_upstream
-        if limit and self.open >= limit:
+        limit = self.config.upstream_limit
+        if self.open >= limit:
             if fresh and self.idle:        # make room: the oldest idle connection goes
                 self.counters.expired += 1
                 self._close(self.idle.popleft())
@@ -1062,8 +1078,8 @@ class UpstreamPool:
         self._serve_waiters()
 
     def _serve_waiters(self) -> None:
-        limit = self.config.max_upstream
-        while self.waiters and not self.closed and (not limit or self.open < limit):
+        limit = self.config.upstream_limit
+        while self.waiters and not self.closed and self.open < limit:
             client = self.waiters.popleft()
             client.waiting = False
             self._connect(client)
@@ -1128,6 +1144,8 @@ class ClientConnection(proactor.Handler):
     # -- the client connection
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
+        if not self.proxy.client_opened(self):
+            return                     # turned away: closing, nothing of it is read
         ip = None
         if self.config.forwarded_for:
             try:
@@ -1136,7 +1154,6 @@ class ClientConnection(proactor.Handler):
                 ip = b"unknown"
         self.reader = RequestReader(self, self.config, ip,
                                     upstream_close=self.config.pool_size == 0)
-        self.proxy.client_opened(self)
 
     def data_received(self, conn: Any, data: bytes) -> None:
         if self.closing or self.reader is None:
@@ -1170,6 +1187,11 @@ class ClientConnection(proactor.Handler):
         if not self.closing:
             self.closing = True
             self.conn.close()
+
+    def turn_away(self, status: int, detail: str) -> None:
+        """Answer ``status`` before reading anything, and close."""
+        if self._send(error_response(status, detail, close=True)):
+            self.close()
 
     def _send(self, data: bytes) -> bool:
         """Send to the client; False if it is gone (reset, or closing), and then its
@@ -1544,6 +1566,8 @@ class Proxy:
         self.pool = UpstreamPool(engine, config, self.counters)
         self.clients: set = set()
         self.servers: list = []
+        self._refusals_logged = 0      # counters.refused at the last log line about them
+        self._refusals_log_at = 0.0    # when the next refusal may be logged
         self.stats_interval = stats_interval
         timeouts = (config.connect_timeout, config.response_timeout, config.client_timeout,
                     config.max_idle)
@@ -1568,10 +1592,33 @@ class Proxy:
         self.servers.append(srv)
         return srv
 
-    def client_opened(self, client: ClientConnection) -> None:
+    def client_opened(self, client: ClientConnection) -> bool:
+        """Count a new client in; False if it is turned away (and closed): the proxy is
+        closed, or ``max_connections`` clients are open (503)."""
         if self.closed:
             client.close()
+            return False
+        if len(self.clients) >= self.config.max_connections:
+            self._refuse(client)
+            return False
         self.clients.add(client)
+        return True
+
+    def _refuse(self, client: ClientConnection) -> None:
+        """A client over ``max_connections``: 503 and closed. Logged at the first one and
+        then at most every ``REFUSALS_LOGGED_EVERY`` seconds, with how many there were:
+        at the limit new clients come all the time."""
+        c = self.counters
+        c.refused += 1
+        now = time.monotonic()
+        if now >= self._refusals_log_at:
+            n = c.refused - self._refusals_logged
+            logger.warning("at max_connections (%d clients): %d new client%s refused with "
+                           "503 since the last such line (logged at most every %g s)",
+                           len(self.clients), n, "" if n == 1 else "s", REFUSALS_LOGGED_EVERY)
+            self._refusals_logged = c.refused
+            self._refusals_log_at = now + REFUSALS_LOGGED_EVERY
+        client.turn_away(503, "too many clients")
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.discard(client)
@@ -1604,7 +1651,7 @@ class Proxy:
             waiting=len(pool.waiters), requests=c.requests, retried=c.retried,
             bad_gateway=c.bad_gateway, unavailable=c.unavailable,
             gateway_timeout=c.gateway_timeout, client_errors=c.client_errors,
-            aborted=c.aborted, clients=len(self.clients))
+            aborted=c.aborted, refused=c.refused, clients=len(self.clients))
 
     def stats_response(self, req: Request) -> bytes:
         """The answer to a request for ``config.stats_path``."""
@@ -1653,14 +1700,18 @@ def main() -> None:
     p.add_argument("--backend", default=None, choices=["auto", "uring", "trio"],
                    help="engine backend (default: $PROACTOR_BACKEND or auto)")
     d = ProxyConfig("", 0)
+    p.add_argument("--max-connections", metavar="N", type=int, default=d.max_connections,
+                   help="clients at once; one more is answered 503 and closed "
+                        "(default %(default)s)")
     p.add_argument("--pool-size", metavar="N", type=int, default=d.pool_size,
                    help="idle upstream connections kept for reuse; 0: a fresh upstream "
                         "connection per request (default %(default)s)")
     p.add_argument("--no-pool", dest="pool_size", action="store_const", const=0,
                    help="the same as --pool-size 0")
     p.add_argument("--max-upstream", metavar="N", type=int, default=d.max_upstream,
-                   help="upstream connections open at once, 0: no limit; requests beyond "
-                        "it wait up to --connect-timeout, then get 503 (default %(default)s)")
+                   help="upstream connections open at once, 0: as many as --max-connections; "
+                        "requests beyond it wait up to --connect-timeout, then get 503 "
+                        "(default %(default)s)")
     p.add_argument("--max-idle", metavar="S", type=float, default=d.max_idle,
                    help="seconds an idle upstream connection is kept (default %(default)s)")
     p.add_argument("--connect-timeout", metavar="S", type=float, default=d.connect_timeout,
@@ -1681,6 +1732,8 @@ def main() -> None:
                    help="path answered with the statistics as JSON, '' for none "
                         "(default %(default)s)")
     a = p.parse_args()
+    if a.max_connections < 1:
+        p.error("--max-connections must be >= 1")
     if a.pool_size < 0 or a.max_upstream < 0:
         p.error("--pool-size and --max-upstream must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -1691,7 +1744,8 @@ def main() -> None:
     except OSError as e:
         p.error(f"cannot resolve {host}: {e}")
     config = ProxyConfig(
-        upstream_host=info[4][0], upstream_port=port, pool_size=a.pool_size,
+        upstream_host=info[4][0], upstream_port=port, max_connections=a.max_connections,
+        pool_size=a.pool_size,
         max_upstream=a.max_upstream, max_idle=a.max_idle,
         connect_timeout=a.connect_timeout, response_timeout=a.response_timeout,
         client_timeout=a.client_timeout, forwarded_for=a.forwarded_for,

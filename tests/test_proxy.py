@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import random
 import signal
@@ -1055,6 +1056,65 @@ def test_max_upstream_wait_times_out_503(engine, make_upstream, make_proxy):
         assert r.status == 503 and 0.25 < time.monotonic() - t0 < 5
         assert h.stats().unavailable == 1
     h.wait_stats(clients=0, in_use=0)
+
+
+def test_max_connections_turns_clients_away(engine, make_upstream, make_proxy, caplog):
+    """Over max_connections a new client is answered 503 and closed before anything of it
+    is read; the clients in are served, and once one has left a new one gets in. The
+    refusals are logged once, then at most once a minute (with their count)."""
+    caplog.set_level(logging.WARNING, logger="proxy")
+    up = make_upstream()
+    h = make_proxy(up.port, max_connections=2)
+    with h.client() as a, h.client() as b:
+        h.wait_stats(clients=2)
+        for _ in range(2):
+            with h.client() as extra:
+                r = extra.response()
+                assert r.status == 503 and r.header(b"connection") == b"close"
+                extra.assert_closed()
+        assert a.get("/a").body == b"/a" and b.get("/b").body == b"/b"
+    h.wait_stats(clients=0)
+    with h.client() as c:
+        assert c.get("/c").body == b"/c"
+    st = h.stats()
+    assert (st.refused, st.unavailable, st.requests) == (2, 0, 3)
+    assert [r.target for r in up.requests] == [b"/a", b"/b", b"/c"]
+    logged = [r.getMessage() for r in caplog.records if "refused with 503" in r.getMessage()]
+    assert logged == ["at max_connections (2 clients): 1 new client refused with 503 since "
+                      "the last such line (logged at most every 60 s)"]
+
+
+def test_upstream_connections_are_capped_at_max_connections_by_default(engine, make_proxy):
+    """Without max_upstream, the upstream connections are capped at max_connections: a
+    client that leaves while its connect hangs leaves the connect behind (it would serve
+    the pool), and the next client's request waits for it instead of opening one more
+    (which could go on until the fds run out)."""
+    lst = socket.socket()
+    fill: list = []
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        for _ in range(3):              # a full accept queue: SYNs dropped, connects hang
+            s = socket.socket()
+            fill.append(s)
+            s.setblocking(False)
+            s.connect_ex(lst.getsockname())
+        h = make_proxy(lst.getsockname()[1], max_connections=1, connect_timeout=2.0)
+        with h.client() as a:
+            a.send(get_req("/a"))
+            h.wait_stats(connecting=1)
+        h.wait_stats(clients=0)
+        with h.client() as b:
+            b.send(get_req("/b"))
+            st = h.wait_stats(requests=2)
+            assert (st.connecting, st.waiting, st.connect_errors) == (1, 1, 0), st
+            # a's connect times out, then b's (or b's wait ends first: 503)
+            assert b.response().status in (503, 504)
+        h.wait_stats(connecting=0, waiting=0, clients=0, timeout=10)
+    finally:
+        for s in fill:
+            s.close()
+        lst.close()
 
 
 def test_dead_idle_connection_is_dropped(engine, make_upstream, make_proxy):
