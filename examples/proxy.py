@@ -1683,6 +1683,56 @@ class Proxy:
 
 
 # ---------------------------------------------------------------------------- command line
+#: File descriptors kept for what is not a client or an upstream connection: the engine's
+#: own, the listening sockets, clients being turned away (503) and closed.
+SPARE_FDS = 64
+
+
+def fd_budget(max_connections: int, max_upstream: int) -> tuple[int, int]:
+    """``(max_connections, max_upstream)`` if the fd limit allows them, after raising the
+    soft limit toward the hard one; else lowered to what it allows, with a warning.
+
+    A client holds its socket and uses one upstream connection at a time; the upstream
+    connections, the pool's idle ones among them, are capped at ``max_upstream`` (0:
+    ``max_connections``). So the proxy needs ``max_connections`` + ``max_upstream`` (or
+    twice ``max_connections``) + :data:`SPARE_FDS` fds. When they do not fit, clients keep
+    at least half the room, the upstream connections get the rest up to their cap (more
+    than there are clients would only serve the moments a connection is being replaced).
+    (0, 0) if the limit leaves no room for a single client."""
+    try:
+        import resource
+    except ImportError:                      # not on Windows
+        return max_connections, max_upstream
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + (max_upstream or max_connections) + SPARE_FDS
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return max_connections, max_upstream
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    except (ValueError, OSError):
+        pass
+    if soft >= want:
+        return max_connections, max_upstream
+    room = soft - SPARE_FDS
+    if room < 2:
+        return 0, 0
+    if max_upstream:
+        clients = min(max_connections, max(room - max_upstream, room // 2))
+        upstream = min(max_upstream, room - clients)
+    else:
+        clients, upstream = min(max_connections, room // 2), 0
+    lowered = []
+    if clients < max_connections:
+        lowered.append(f"--max-connections {clients}, not {max_connections}")
+    if upstream < max_upstream:
+        lowered.append(f"--max-upstream {upstream}, not {max_upstream}")
+    logger.warning("the fd limit (%d) allows %s; using %s", soft, " and ".join(lowered),
+                   "them" if len(lowered) > 1 else "it")
+    return clients, upstream
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
@@ -1701,8 +1751,9 @@ def main() -> None:
                    help="engine backend (default: $PROACTOR_BACKEND or auto)")
     d = ProxyConfig("", 0)
     p.add_argument("--max-connections", metavar="N", type=int, default=d.max_connections,
-                   help="clients at once; one more is answered 503 and closed "
-                        "(default %(default)s)")
+                   help="clients at once; one more is answered 503 and closed (lowered, "
+                        "with a warning, to what the fd limit allows: each client counts "
+                        "2 fds with its upstream connection) (default %(default)s)")
     p.add_argument("--pool-size", metavar="N", type=int, default=d.pool_size,
                    help="idle upstream connections kept for reuse; 0: a fresh upstream "
                         "connection per request (default %(default)s)")
@@ -1711,6 +1762,7 @@ def main() -> None:
     p.add_argument("--max-upstream", metavar="N", type=int, default=d.max_upstream,
                    help="upstream connections open at once, 0: as many as --max-connections; "
                         "requests beyond it wait up to --connect-timeout, then get 503 "
+                        "(lowered, with a warning, to what the fd limit allows) "
                         "(default %(default)s)")
     p.add_argument("--max-idle", metavar="S", type=float, default=d.max_idle,
                    help="seconds an idle upstream connection is kept (default %(default)s)")
@@ -1737,6 +1789,10 @@ def main() -> None:
     if a.pool_size < 0 or a.max_upstream < 0:
         p.error("--pool-size and --max-upstream must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    max_connections, max_upstream = fd_budget(a.max_connections, a.max_upstream)
+    if not max_connections:
+        p.error(f"the fd limit (ulimit -n) leaves no room for a client: the proxy needs "
+                f"at least {SPARE_FDS + 2} fds")
 
     host, port = a.upstream
     try:                               # once, here: never a DNS lookup on the I/O thread
@@ -1744,9 +1800,8 @@ def main() -> None:
     except OSError as e:
         p.error(f"cannot resolve {host}: {e}")
     config = ProxyConfig(
-        upstream_host=info[4][0], upstream_port=port, max_connections=a.max_connections,
-        pool_size=a.pool_size,
-        max_upstream=a.max_upstream, max_idle=a.max_idle,
+        upstream_host=info[4][0], upstream_port=port, max_connections=max_connections,
+        pool_size=a.pool_size, max_upstream=max_upstream, max_idle=a.max_idle,
         connect_timeout=a.connect_timeout, response_timeout=a.response_timeout,
         client_timeout=a.client_timeout, forwarded_for=a.forwarded_for,
         stats_path=a.stats_path.encode())

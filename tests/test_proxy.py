@@ -1602,3 +1602,87 @@ def test_script(backend, make_upstream):
             raise
     assert p.returncode == 0, err
     assert "pool: created=1 reused=0" in err
+
+
+def test_max_connections_fit_the_fd_limit(backend, make_upstream):
+    """With a low fd limit the program lowers --max-connections to what it allows (two fds
+    a client: its socket and its upstream connection) and says so. That many clients, each
+    with a request upstream at the same time, are all answered; the next ones get 503:
+    no fd runs out, nothing hangs."""
+    import resource
+
+    limit = 200
+    fit = (limit - proxy_mod.SPARE_FDS) // 2
+    lock = threading.Lock()
+    arrived = [0]
+    all_in = threading.Event()
+
+    def respond(req: Received) -> list:
+        with lock:
+            arrived[0] += 1
+            if arrived[0] == fit:
+                all_in.set()
+        all_in.wait(30)                 # every exchange open at once
+        return [ok(req.target)]
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    up = make_upstream(respond)
+    p = subprocess.Popen([sys.executable, str(SCRIPT), "--upstream", f"127.0.0.1:{up.port}",
+                          "--backend", backend, "--max-connections", "10000", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=low_limit)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line + p.stderr.read()
+        port = int(line.rsplit(":", 1)[1])
+        clients = [Client(port) for _ in range(fit)]
+        try:
+            for i, c in enumerate(clients):
+                c.send(get_req(f"/{i}"))
+            assert all_in.wait(30), f"{arrived[0]} of {fit} requests reached the upstream"
+            extras = [Client(port) for _ in range(10)]
+            try:
+                for extra in extras:
+                    assert extra.response().status == 503
+                    extra.assert_closed()
+            finally:
+                for extra in extras:
+                    extra.close()
+            for i, c in enumerate(clients):
+                assert c.response().body == f"/{i}".encode()
+        finally:
+            for c in clients:
+                c.close()
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
+    assert p.returncode == 0, err
+    assert f"the fd limit ({limit}) allows --max-connections {fit}, not 10000" in err, err
+    assert "Too many open files" not in err and "accept on" not in err, err
+
+
+def test_fd_budget_shares_the_fd_limit():
+    """What fd_budget makes of a limit of 200 fds (136 after the spare ones): unchanged if
+    it fits; else clients keep at least half, upstream connections get the rest up to their
+    cap. (A child process: it lowers its own fd limit.)"""
+    code = f"""
+import importlib.util, logging, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+logging.disable(logging.WARNING)
+spec = importlib.util.spec_from_file_location("proxy_example", {str(SCRIPT)!r})
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
+print([mod.fd_budget(*a) for a in [(10, 0), (40, 90), (10000, 0), (10000, 100), (50, 1000),
+                                   (1000, 30)]])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[(10, 0), (40, 90), (68, 0), (68, 68), (50, 86), (106, 30)]"
