@@ -3,8 +3,8 @@
 usage: python examples/proxy.py --upstream HOST:PORT [--host H] [--backend B]
            [--max-connections N] [--pool-size N | --no-pool] [--max-upstream N]
            [--max-idle S] [--connect-timeout S] [--response-timeout S]
-           [--client-timeout S] [--forwarded-for] [--stats-interval S]
-           [--stats-path PATH] PORT
+           [--client-timeout S] [--header-timeout S] [--forwarded-for]
+           [--stats-interval S] [--stats-path PATH] PORT
 
 Every request from a client goes to the one upstream server over HTTP/1.1, on a
 connection from the pool when one is idle, and the response comes back to the client.
@@ -137,6 +137,10 @@ class ProxyConfig:
     #: Seconds a client may stay idle between requests, pause while sending one, or not
     #: read what the proxy has to send it.
     client_timeout: float = 60.0
+    #: Seconds a client has to send a whole request head, from its first byte (the first
+    #: head: from the connection); 408 and closed after (slowloris). A new connection that
+    #: sent nothing in that time is closed.
+    header_timeout: float = 10.0
     #: Add the client's address to X-Forwarded-For.
     forwarded_for: bool = False
     #: Path answered with the statistics as JSON (b"": none).
@@ -1139,6 +1143,8 @@ class ClientConnection(proactor.Handler):
         self.unchecked = 0             # bytes sent to it since its queue was looked at
         self.last = time.monotonic()   # last progress on the client's side
         self.up_deadline = float("inf")
+        # when the request head being received began (None: none is); header_timeout
+        self.head_since: Optional[float] = None
         self.closing = False
 
     # -- the client connection
@@ -1146,6 +1152,7 @@ class ClientConnection(proactor.Handler):
         self.conn = conn
         if not self.proxy.client_opened(self):
             return                     # turned away: closing, nothing of it is read
+        self.head_since = time.monotonic()
         ip = None
         if self.config.forwarded_for:
             try:
@@ -1158,12 +1165,14 @@ class ClientConnection(proactor.Handler):
     def data_received(self, conn: Any, data: bytes) -> None:
         if self.closing or self.reader is None:
             return                     # refused already: what was in flight is dropped
-        self.last = time.monotonic()
+        now = self.last = time.monotonic()
         try:
             self.reader.feed(data)
         except RequestError as e:
             self._refuse(e)
             return
+        if self.head_since is None and self.reader.in_head:
+            self.head_since = now      # a request head began
         if not self.paused and len(self.queue) > 1:
             self._update_reading()
 
@@ -1214,6 +1223,7 @@ class ClientConnection(proactor.Handler):
 
     # -- RequestReader's sink
     def on_request(self, req: Request) -> None:
+        self.head_since = None
         if self.closing:
             return
         path = self.config.stats_path
@@ -1287,6 +1297,7 @@ class ClientConnection(proactor.Handler):
         """The client sent something unusable: answer it after the requests before it, and
         read no more."""
         self.reader = None
+        self.head_since = None
         if self.queue and not self.queue[-1].complete:
             # The request being received is the culprit.
             req = self.queue.pop()
@@ -1318,6 +1329,9 @@ class ClientConnection(proactor.Handler):
                 self.conn.pause_reading()
             else:
                 self.conn.resume_reading()
+                if self.head_since is not None:
+                    # the rest of a head waited for the proxy, not for the client
+                    self.head_since = time.monotonic()
 
     # -- the exchange with the upstream
     def attach(self, uc: UpstreamConnection, reused: bool) -> None:
@@ -1512,11 +1526,28 @@ class ClientConnection(proactor.Handler):
             self._abort()
 
     # -- time
+    def _head_timeout(self) -> None:
+        """A request head not complete within header_timeout: 408 (after the answers to
+        the requests before it) and closed; a new connection that sent nothing is just
+        closed."""
+        self.head_since = None
+        if self.reader.in_message or self.queue:
+            self._refuse(RequestError(408, "request head not received within "
+                                           f"{self.config.header_timeout:g} s"))
+        else:
+            self.close()
+
     def check(self, now: float) -> None:
         """Called by the proxy's tick: act on expired deadlines."""
-        if self.closing or self.waiting or self.connecting is not None:
-            return                     # the pool watches those
+        if self.closing:
+            return
         cfg = self.config
+        since = self.head_since
+        if since is not None and not self.paused and now - since >= cfg.header_timeout:
+            self._head_timeout()
+            return
+        if self.waiting or self.connecting is not None:
+            return                     # the pool watches those
         if self.upstream is None:      # between requests, or a request head arriving
             if now - self.last >= cfg.client_timeout:
                 if self.reader is not None and self.reader.in_message:
@@ -1570,7 +1601,7 @@ class Proxy:
         self._refusals_log_at = 0.0    # when the next refusal may be logged
         self.stats_interval = stats_interval
         timeouts = (config.connect_timeout, config.response_timeout, config.client_timeout,
-                    config.max_idle)
+                    config.header_timeout, config.max_idle)
         #: How often deadlines are checked: a timeout fires up to this much late.
         self.tick = min(1.0, max(0.02, min(timeouts) / 4))
         self._tick_handle: Any = None
@@ -1776,6 +1807,10 @@ def main() -> None:
     p.add_argument("--client-timeout", metavar="S", type=float, default=d.client_timeout,
                    help="seconds a client may idle between requests or stall "
                         "(default %(default)s)")
+    p.add_argument("--header-timeout", metavar="S", type=float, default=d.header_timeout,
+                   help="seconds a client has to send a request head, from its first byte "
+                        "(the first one: from the connection); 408 and closed after "
+                        "(default %(default)s)")
     p.add_argument("--forwarded-for", action="store_true",
                    help="add the client's address to X-Forwarded-For")
     p.add_argument("--stats-interval", metavar="S", type=float, default=0.0,
@@ -1788,6 +1823,8 @@ def main() -> None:
         p.error("--max-connections must be >= 1")
     if a.pool_size < 0 or a.max_upstream < 0:
         p.error("--pool-size and --max-upstream must be >= 0")
+    if not a.header_timeout > 0:
+        p.error("--header-timeout must be > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     max_connections, max_upstream = fd_budget(a.max_connections, a.max_upstream)
     if not max_connections:
@@ -1803,7 +1840,8 @@ def main() -> None:
         upstream_host=info[4][0], upstream_port=port, max_connections=max_connections,
         pool_size=a.pool_size, max_upstream=max_upstream, max_idle=a.max_idle,
         connect_timeout=a.connect_timeout, response_timeout=a.response_timeout,
-        client_timeout=a.client_timeout, forwarded_for=a.forwarded_for,
+        client_timeout=a.client_timeout, header_timeout=a.header_timeout,
+        forwarded_for=a.forwarded_for,
         stats_path=a.stats_path.encode())
     engine = proactor.Engine(backend=a.backend)
     proxy = Proxy(engine, config, stats_interval=a.stats_interval)

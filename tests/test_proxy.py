@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import select
 import signal
 import socket
 import struct
@@ -1529,6 +1530,76 @@ def test_client_timeouts(engine, make_upstream, make_proxy):
         slow.assert_closed()
         assert time.monotonic() - t0 < 5
     h.wait_stats(clients=0)
+
+
+def test_slowloris_head_gets_408(engine, make_upstream, make_proxy):
+    """A request head dribbled a byte at a time (each byte keeps client_timeout away) gets
+    408 once header_timeout has passed since its first byte, and the connection closes;
+    nothing goes upstream."""
+    up = make_upstream()
+    h = make_proxy(up.port, header_timeout=0.5)
+    with h.client() as c:
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        t0 = time.monotonic()
+        while (not select.select([c.sock], [], [], 0.1)[0]
+               and time.monotonic() - t0 < 10):
+            c.send(b"X")                # a field name that never ends
+        r = c.response()
+        assert r.status == 408 and r.header(b"connection") == b"close"
+        assert 0.4 < time.monotonic() - t0 < 5
+        c.assert_closed()
+    assert up.requests == []
+    assert h.wait_stats(clients=0).client_errors == 1
+
+
+def test_silent_new_connection_closed_after_header_timeout(engine, make_upstream,
+                                                           make_proxy):
+    """A new connection that sends nothing within header_timeout is closed (there is no
+    request to answer); one whose heads come in time stays, however long it waits between
+    them (that is client_timeout's business)."""
+    up = make_upstream()
+    h = make_proxy(up.port, header_timeout=0.3)
+    with h.client() as silent, h.client() as kept:
+        assert kept.get("/1").status == 200
+        t0 = time.monotonic()
+        silent.assert_closed()
+        assert 0.25 < time.monotonic() - t0 < 5
+        time.sleep(0.6)                 # idle for twice header_timeout
+        assert kept.get("/2").status == 200
+    assert h.wait_stats(clients=0).client_errors == 0
+
+
+def test_late_head_behind_a_request_gets_408_after_its_answer(engine, make_upstream,
+                                                              make_proxy):
+    """A pipelined request whose head does not come in time: the request before it is
+    answered first, then the 408, then the connection closes."""
+    up = make_upstream(lambda req: [0.3, ok(req.target)])
+    h = make_proxy(up.port, header_timeout=0.5)
+    with h.client() as c:
+        c.send(get_req("/first") + b"GET /second HTTP/1.1\r\nHo")
+        assert c.response().body == b"/first"
+        r = c.response()
+        assert r.status == 408 and r.header(b"connection") == b"close"
+        c.assert_closed()
+    assert [r.target for r in up.requests] == [b"/first"]
+
+
+def test_head_time_does_not_run_while_the_proxy_is_not_reading(engine, make_upstream,
+                                                               make_proxy):
+    """Reading pauses while two requests are queued: the start of a third head, read
+    before the pause, is not timed while the proxy reads nothing more of it; its time
+    starts anew when reading resumes."""
+    up = make_upstream(lambda req: [2.0, ok(req.target)] if req.target == b"/1"
+                       else [ok(req.target)])
+    h = make_proxy(up.port, header_timeout=1.0)
+    with h.client() as c:
+        c.send(get_req("/1") + get_req("/2") + b"GET /3 HTTP/1.1\r\nHo")
+        assert c.response().body == b"/1"          # after 2 s, twice header_timeout
+        time.sleep(0.5)                 # half of header_timeout since reading resumed
+        c.send(b"st: t\r\n\r\n")
+        assert c.response().body == b"/2"
+        assert c.response().body == b"/3"
+    assert [r.target for r in up.requests] == [b"/1", b"/2", b"/3"]
 
 
 def test_slow_reader_gets_everything(engine, make_upstream, make_proxy):
