@@ -533,8 +533,6 @@ class UringEngine(BaseEngine):
             elif t == EV_ACCEPT:
                 srv = conns[i]
                 if res >= 0:
-                    if srv._accept_failing:
-                        srv._accept_succeeded(i)
                     self._accepted(srv, res)
                 else:
                     srv._accept_failed(i, os_error(res, "accept"))

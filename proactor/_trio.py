@@ -795,8 +795,6 @@ class TrioEngine(BaseEngine):
                             srv._accept_failed(fd, os_error(e.errno or errno.EIO, "accept"))
                             await trio.sleep(0.1)
                             break
-                        if srv._accept_failing:
-                            srv._accept_succeeded(fd)
                         self._ncompleted += 1
                         self._accepted(srv, s)
         except Exception:  # noqa: BLE001 - a bug here must not end the engine

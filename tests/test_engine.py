@@ -329,14 +329,20 @@ def test_connection_lost_raises(engine, log_errors, workers):
     wait_until(lambda: len(log_errors.matching("connection_lost of")) == 2)
 
 
-def test_accept_at_the_fd_limit_logs_once_then_sums_up(engine, log_errors, caplog):
+def test_accept_failures_at_the_fd_limit_are_logged_once_then_counted(engine, log_errors,
+                                                                      caplog, monkeypatch):
     """At the fd limit accept fails (EMFILE) and is retried every 0.1 s: the first failure
-    is logged, the retries are not (they were, ten times a second), and the first accept
-    that succeeds again logs how many failed. The client that waited in the backlog is
-    then served. (The fds of this process run out for a while: everything the test needs
-    is open before, and they are given back in any case.)"""
+    is logged, the next ones are counted and reported once a period while they go on (they
+    were logged ten times a second), also when an accept gets through between them as an
+    fd comes free; the first period without one says so, with the total. The clients that
+    waited in the backlog are served. (The fds of this process run out for a while:
+    everything the test needs is open before, and they are given back in any case.)"""
     import resource
 
+    from proactor import _common
+
+    every = 0.5
+    monkeypatch.setattr(_common, "ACCEPT_FAILURES_REPORTED_EVERY", every, raising=False)
     caplog.set_level(logging.WARNING, logger="proactor")
 
     def accept_logs() -> list:
@@ -345,8 +351,9 @@ def test_accept_at_the_fd_limit_logs_once_then_sums_up(engine, log_errors, caplo
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     held: list = []
-    with socket.socket() as client:
+    with socket.socket() as client, socket.socket() as client2:
         client.settimeout(20)
+        client2.settimeout(20)
         try:
             # Lowered before the server starts: io_uring's accept takes the limit in force
             # when it is armed.
@@ -364,25 +371,35 @@ def test_accept_at_the_fd_limit_logs_once_then_sums_up(engine, log_errors, caplo
                     break
             client.connect(("127.0.0.1", srv.port))      # waits in the backlog
             client.sendall(b"ping")
+            t0 = time.monotonic()
             wait_until(accept_logs, timeout=10)
-            time.sleep(0.5)                 # about five retries, all failing
+            os.close(held.pop())        # one fd: client gets in, and takes it
+            assert recv_exactly(client, 4) == b"ping"
+            client2.connect(("127.0.0.1", srv.port))     # fails again
+            client2.sendall(b"pong")
+            # failing for two periods and more: two reports
+            wait_until(lambda: len(accept_logs()) >= 3, timeout=10)
             failing = accept_logs()
-            assert len(failing) == 1, failing
-            assert "Too many open files" in failing[0], failing
+            assert time.monotonic() - t0 >= 2 * every
             for fd in held:
                 os.close(fd)
             held = []
-            assert recv_exactly(client, 4) == b"ping"
-            wait_until(lambda: len(accept_logs()) == 2, timeout=10)
+            assert recv_exactly(client2, 4) == b"pong"
+            wait_until(lambda: "no attempt failed" in accept_logs()[-1], timeout=10)
             echo_once(("127.0.0.1", srv.port))
         finally:
             for fd in held:
                 os.close(fd)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    first, *reports = failing           # a success between failures: still one line
+    assert "failed: [Errno 24] Too many open files" in first, failing
+    assert "retrying every 0.1 s" in first, failing
+    for line in reports[:2]:
+        assert re.search(r": \d+ more attempts? failed in the last 0.5 s", line), failing
     logs = accept_logs()
-    assert len(logs) == 2, logs
-    assert re.search(r"accept on .* works again, after \d+ failed attempts? in ", logs[1]), \
-        logs
+    assert len(logs) <= len(failing) + 2, logs     # the one being made, and the last
+    assert re.search(r": no attempt failed in the last 0.5 s \(\d+ failed in all, the "
+                     r"first \d+ s ago\)", logs[-1]), logs
 
 
 def test_stop_lets_busy_workers_finish(make_engine):
