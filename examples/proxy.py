@@ -47,15 +47,16 @@ handler may block. The pieces, from the client inwards:
 * :class:`Proxy` ties them together: one timer tick checks every deadline (so a request
   costs no timer of its own), statistics (:class:`ProxyStats`) and shutdown.
 
-Failures: a connect refused gives 502, a connect timeout 504; no complete response head
-within ``response_timeout`` of the request being sent gives 504, and so does an upstream
-that takes none of the request body for that long; an upstream that closes, resets or
-sends an invalid response (or a head or trailers over ``max_head``) gives 502 if the
-client has not had the response head yet, else the client connection is aborted (it
-cannot tell a cut body from a whole one otherwise). A GET or HEAD that fails on a reused
-connection before any byte of the response arrived is retried once on a fresh connection
-(the upstream may have closed the idle connection just as the request went out); this is
-logged and counted (``retried``).
+Failures: a connect refused gives 502, a connect timeout 504; a connect that finds no fd
+(clients being turned away hold some for a moment) waits for one to come free, 503 after
+``connect_timeout``; no complete response head within ``response_timeout`` of the
+request being sent gives 504, and so does an upstream that takes none of the request
+body for that long; an upstream that closes, resets or sends an invalid response (or a
+head or trailers over ``max_head``) gives 502 if the client has not had the response
+head yet, else the client connection is aborted (it cannot tell a cut body from a whole
+one otherwise). A GET or HEAD that fails on a reused connection before any byte of the
+response arrived is retried once on a fresh connection (the upstream may have closed the
+idle connection just as the request went out); this is logged and counted (``retried``).
 
 Flow control: above ``HIGH_WATER`` bytes queued towards the upstream the client is not
 read; above it towards the client the upstream is not read, until the queue has drained.
@@ -74,6 +75,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import email.utils  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import socket  # noqa: E402
@@ -899,6 +901,8 @@ class UpstreamPool:
         self.idle: deque = deque()         # oldest on the left, reused from the right
         self.waiters: deque = deque()      # clients waiting for a connection (FIFO)
         self.count = [0] * 5               # connections per state
+        #: a connect found no fd (EMFILE): requests wait until one may have come free
+        self.fds_short = False
         self.closed = False
 
     @property
@@ -923,16 +927,24 @@ class UpstreamPool:
             self._give(self.idle.pop(), client)
             return
         limit = self.config.upstream_limit
-        if self.open >= limit:
+        if self.open >= limit or self.fds_short:
             if fresh and self.idle:        # make room: the oldest idle connection goes
                 self.counters.expired += 1
                 self._close(self.idle.popleft())
-            client.waiting = True
-            client.wait_fresh = fresh
+            self._wait(client, fresh)
+            return
+        self._connect(client, fresh)
+
+    def _wait(self, client: ClientConnection, fresh: bool, again: bool = False) -> None:
+        """``client`` waits for a connection, up to ``connect_timeout`` (503 after);
+        ``again``: it was the first waiter, and stays first, with its deadline."""
+        client.waiting = True
+        client.wait_fresh = fresh
+        if again:
+            self.waiters.appendleft(client)
+        else:
             client.wait_deadline = time.monotonic() + self.config.connect_timeout
             self.waiters.append(client)
-            return
-        self._connect(client)
 
     def _give(self, uc: UpstreamConnection, client: ClientConnection) -> None:
         reused = uc.uses > 0
@@ -943,7 +955,10 @@ class UpstreamPool:
         uc.client = client
         client.attach(uc, reused)
 
-    def _connect(self, client: ClientConnection) -> None:
+    def _connect(self, client: ClientConnection, fresh: bool, again: bool = False) -> None:
+        """Open a connection for ``client``. At the fd limit it waits instead, for a
+        connection to be released or an fd to come free (see ``fds_short``); ``again``:
+        it was the first waiter."""
         cfg = self.config
         uc = UpstreamConnection(self)
         self.count[CONNECTING] += 1
@@ -957,6 +972,14 @@ class UpstreamPool:
                                     connected, timeout=cfg.connect_timeout)
         except Exception as e:        # no socket (EMFILE...), engine shutting down
             self._set(uc, CLOSED)
+            if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+                # The clients being turned away at max_connections hold an fd each for
+                # a moment: they can take the fds the budget meant for upstream
+                # connections. The request waits for one to come free.
+                client.connecting = None
+                self.fds_short = True
+                self._wait(client, fresh, again)
+                return
             self.counters.connect_errors += 1
             # reported on the next turn: the caller may be deep in a parser callback
             self.engine.call_soon(self._connect_failed, uc, client, 502,
@@ -1082,11 +1105,18 @@ class UpstreamPool:
         self._serve_waiters()
 
     def _serve_waiters(self) -> None:
+        self.fds_short = False         # called when one may have come free: try
         limit = self.config.upstream_limit
-        while self.waiters and not self.closed and self.open < limit:
+        while self.waiters and not self.closed and self.open < limit and not self.fds_short:
             client = self.waiters.popleft()
             client.waiting = False
-            self._connect(client)
+            self._connect(client, client.wait_fresh, again=True)
+
+    def fd_freed(self) -> None:
+        """One of the proxy's connections has closed: if requests wait for an fd, there
+        is one."""
+        if self.fds_short:
+            self._serve_waiters()
 
     # -- time
     def check(self, now: float) -> None:
@@ -1096,12 +1126,15 @@ class UpstreamPool:
         while idle and now - idle[0].idle_since >= max_idle:
             self.counters.expired += 1
             self._close(idle.popleft())
+        if self.fds_short:             # fds may have come free some other way
+            self._serve_waiters()
         waiters = self.waiters
         while waiters and waiters[0].wait_deadline <= now:
             client = waiters.popleft()
             client.waiting = False
-            client.no_upstream(503, "no upstream connection became free within "
-                                    f"{self.config.connect_timeout:g} s")
+            what = ("no fd came free for an upstream connection" if self.fds_short
+                    else "no upstream connection became free")
+            client.no_upstream(503, f"{what} within {self.config.connect_timeout:g} s")
 
     def close(self) -> None:
         """Close the idle connections; no more connects. Those in use close after use."""
@@ -1653,6 +1686,7 @@ class Proxy:
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        self.pool.fd_freed()
 
     def _start_timers(self) -> None:
         if self.closed:

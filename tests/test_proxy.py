@@ -10,6 +10,7 @@ clients are blocking sockets that read responses with h11.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import logging
@@ -28,7 +29,14 @@ from typing import Any, Callable, Optional
 
 import h11
 import pytest
-from support import closed_port, connect, on_engine_thread, recv_until_eof, wait_until
+from support import (
+    closed_port,
+    connect,
+    on_engine_thread,
+    open_fds,
+    recv_until_eof,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.linux, pytest.mark.timeout(60)]
 
@@ -1116,6 +1124,46 @@ def test_upstream_connections_are_capped_at_max_connections_by_default(engine, m
         for s in fill:
             s.close()
         lst.close()
+
+
+def test_no_fd_for_an_upstream_connection_waits_for_one(engine, make_upstream, make_proxy):
+    """At the fd limit (clients being turned away take the fds for a moment) a request
+    finds no fd for its upstream connection: it waits for one to come free, as at
+    max_upstream, instead of failing: served when one does, else 503 after
+    connect_timeout. (The fds of this process run out for a while: everything the test
+    needs is open before, and they are given back in any case.)"""
+    import resource
+
+    up = make_upstream()
+    h = make_proxy(up.port, connect_timeout=1.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list = []
+    with h.client() as late, h.client() as served:
+        h.wait_stats(clients=2)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 16, hard))
+            while True:
+                try:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError as e:
+                    assert e.errno == errno.EMFILE, e
+                    break
+            late.send(get_req("/late"))
+            r = late.response()
+            assert r.status == 503 and b"no fd came free" in r.body, r
+            served.send(get_req("/served"))
+            h.wait_stats(waiting=1)
+            for fd in held:
+                os.close(fd)
+            held = []
+            assert served.response().body == b"/served"
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    st = h.wait_stats(clients=0)
+    assert (st.unavailable, st.bad_gateway, st.connect_errors) == (1, 0, 0), st
+    assert [r.target for r in up.requests] == [b"/served"]
 
 
 def test_dead_idle_connection_is_dropped(engine, make_upstream, make_proxy):
