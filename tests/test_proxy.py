@@ -1696,12 +1696,13 @@ def test_client_leaving_mid_response(engine, make_upstream, make_proxy):
 
 
 def test_script(backend, make_upstream):
-    """The example as a program: prints 'listening on', proxies, serves its stats, stops
-    on SIGINT."""
+    """The example as a program: prints 'listening on', proxies, serves its stats, answers
+    a head that does not come in --header-timeout with 408, stops on SIGINT."""
     up = make_upstream()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, str(SCRIPT), "--upstream", f"127.0.0.1:{up.port}",
-                          "--backend", backend, "--stats-interval", "0.2", "0"],
+                          "--backend", backend, "--stats-interval", "0.2",
+                          "--header-timeout", "0.3", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = p.stdout.readline()
@@ -1710,6 +1711,11 @@ def test_script(backend, make_upstream):
         with Client(port) as c:
             assert c.get("/hello").body == b"/hello"
             assert json.loads(c.get("/_proxy/stats").body)["created"] == 1
+        with Client(port) as c:
+            t0 = time.monotonic()
+            c.send(b"GET / HTTP/1.1\r\nHo")
+            assert c.response().status == 408
+            assert time.monotonic() - t0 < 5          # not the default 10 s
         time.sleep(0.3)
     finally:
         p.send_signal(signal.SIGINT)
