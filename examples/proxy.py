@@ -24,10 +24,11 @@ handler may block. The pieces, from the client inwards:
   chunk and any trailers go at the end). The parser says where each message ends, so
   pipelined requests need no byte offsets.
 * :class:`ClientConnection` (one per client) queues its requests and serves them one at
-  a time, in order. Beyond ``max_connections`` clients a new one is answered 503 and
-  closed. While a request is outstanding and another one is queued behind it,
-  it stops reading from the client. It keeps the timeouts of its side and sends the
-  errors the proxy answers itself (400, 408, 414, 431, 501, 502, 503, 504).
+  a time, in order. While a request is outstanding and another one is queued behind it,
+  it stops reading from the client. It keeps the timeouts of its side (a request head
+  must be complete within ``header_timeout`` of its first byte) and sends the errors the
+  proxy answers itself (400, 408, 414, 431, 501, 502, 503, 504). Beyond
+  ``max_connections`` clients a new one is answered 503 and closed at once.
 * :class:`ResponseReader` (sans-IO) parses the upstream's response with httptools'
   ``HttpResponseParser`` and turns it into the bytes for the client: the head rebuilt
   without hop-by-hop headers (identical to the upstream's when it has none), the body
@@ -182,7 +183,7 @@ class ProxyStats:
     ``failed`` broken during an exchange by the upstream (reset, closed early, invalid or
     too large response, timeout); ``connect_errors`` connects that failed or timed out.
     Now: ``idle``, ``in_use``, ``connecting``, ``waiting`` (requests waiting for a
-    connection at ``max_upstream``).
+    connection at ``max_upstream``, or for an fd at the fd limit).
 
     Requests: ``requests`` received for the upstream (not those for ``stats_path``, which
     the proxy answers, nor those refused for their head, counted in ``client_errors``
