@@ -1,9 +1,10 @@
 """Reverse proxy with a pool of persistent upstream connections.
 
 usage: python examples/proxy.py --upstream HOST:PORT [--host H] [--backend B]
-           [--pool-size N | --no-pool] [--max-connections N] [--max-idle S]
-           [--connect-timeout S] [--response-timeout S] [--client-timeout S]
-           [--forwarded-for] [--stats-interval S] [--stats-path PATH] PORT
+           [--max-connections N] [--pool-size N | --no-pool] [--max-upstream N]
+           [--max-idle S] [--connect-timeout S] [--response-timeout S]
+           [--client-timeout S] [--header-timeout S] [--forwarded-for]
+           [--stats-interval S] [--stats-path PATH] PORT
 
 Every request from a client goes to the one upstream server over HTTP/1.1, on a
 connection from the pool when one is idle, and the response comes back to the client.
@@ -24,8 +25,10 @@ handler may block. The pieces, from the client inwards:
   pipelined requests need no byte offsets.
 * :class:`ClientConnection` (one per client) queues its requests and serves them one at
   a time, in order. While a request is outstanding and another one is queued behind it,
-  it stops reading from the client. It keeps the timeouts of its side and sends the
-  errors the proxy answers itself (400, 408, 414, 431, 501, 502, 503, 504).
+  it stops reading from the client. It keeps the timeouts of its side (a request head
+  must be complete within ``header_timeout`` of its first byte) and sends the errors the
+  proxy answers itself (400, 408, 414, 431, 501, 502, 503, 504). Beyond
+  ``max_connections`` clients a new one is answered 503 and closed at once.
 * :class:`ResponseReader` (sans-IO) parses the upstream's response with httptools'
   ``HttpResponseParser`` and turns it into the bytes for the client: the head rebuilt
   without hop-by-hop headers (identical to the upstream's when it has none), the body
@@ -35,24 +38,26 @@ handler may block. The pieces, from the client inwards:
   follows.
 * :class:`UpstreamPool` holds the upstream connections (:class:`UpstreamConnection`):
   idle ones are reused last-in first-out, so the ones that stay idle are the ones that
-  expire; at most ``pool_size`` are kept idle and none longer than ``max_idle``; with
-  ``max_connections`` the requests beyond it wait for one to be released (503 after
-  ``connect_timeout``). A connection goes back to the pool only after a complete
-  response that did not ask to close (``Connection: close`` or HTTP/1.0 without
-  keep-alive) and a request that was complete before the response began. An idle
-  connection the upstream closes, resets or sends bytes on is dropped on the spot.
+  expire; at most ``pool_size`` are kept idle and none longer than ``max_idle``; beyond
+  ``max_upstream`` connections (by default ``max_connections``: one per client) the
+  requests wait for one to be released (503 after ``connect_timeout``). A connection
+  goes back to the pool only after a complete response that did not ask to close
+  (``Connection: close`` or HTTP/1.0 without keep-alive) and a request that was complete
+  before the response began. An idle connection the upstream closes, resets or sends
+  bytes on is dropped on the spot.
 * :class:`Proxy` ties them together: one timer tick checks every deadline (so a request
   costs no timer of its own), statistics (:class:`ProxyStats`) and shutdown.
 
-Failures: a connect refused gives 502, a connect timeout 504; no complete response head
-within ``response_timeout`` of the request being sent gives 504, and so does an upstream
-that takes none of the request body for that long; an upstream that closes, resets or
-sends an invalid response (or a head or trailers over ``max_head``) gives 502 if the
-client has not had the response head yet, else the client connection is aborted (it
-cannot tell a cut body from a whole one otherwise). A GET or HEAD that fails on a reused
-connection before any byte of the response arrived is retried once on a fresh connection
-(the upstream may have closed the idle connection just as the request went out); this is
-logged and counted (``retried``).
+Failures: a connect refused gives 502, a connect timeout 504; a connect that finds no fd
+(clients being turned away hold some for a moment) waits for one to come free, 503 after
+``connect_timeout``; no complete response head within ``response_timeout`` of the
+request being sent gives 504, and so does an upstream that takes none of the request
+body for that long; an upstream that closes, resets or sends an invalid response (or a
+head or trailers over ``max_head``) gives 502 if the client has not had the response
+head yet, else the client connection is aborted (it cannot tell a cut body from a whole
+one otherwise). A GET or HEAD that fails on a reused connection before any byte of the
+response arrived is retried once on a fresh connection (the upstream may have closed the
+idle connection just as the request went out); this is logged and counted (``retried``).
 
 Flow control: above ``HIGH_WATER`` bytes queued towards the upstream the client is not
 read; above it towards the client the upstream is not read, until the queue has drained.
@@ -71,6 +76,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import email.utils  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import socket  # noqa: E402
@@ -91,6 +97,8 @@ HIGH_WATER = 256 * 1024
 CHECK_EVERY = 64 * 1024
 #: A GET/HEAD is kept for a retry only while what was sent of it stays under this size.
 REPLAY_LIMIT = 64 * 1024
+#: Clients refused at max_connections are logged at most this often (seconds).
+REFUSALS_LOGGED_EVERY = 60.0
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1): they concern one connection and are not
 #: forwarded. Transfer-Encoding is hop-by-hop too; it is handled where the body is.
@@ -114,13 +122,16 @@ class ProxyConfig:
 
     upstream_host: str
     upstream_port: int
+    #: Client connections open at once; one more is answered 503 and closed.
+    max_connections: int = 5000
     #: Idle upstream connections kept for reuse; 0: a fresh connection per request.
     pool_size: int = 128
-    #: Upstream connections open at once (connecting, in use or idle); 0: no limit.
-    max_connections: int = 0
+    #: Upstream connections open at once (connecting, in use or idle); 0: as many as
+    #: ``max_connections`` (one per client: a client has one request upstream at a time).
+    max_upstream: int = 0
     #: Seconds an idle upstream connection is kept.
     max_idle: float = 30.0
-    #: Seconds to connect (504 after), and to wait for a connection when at max_connections.
+    #: Seconds to connect (504 after), and to wait for a connection when at max_upstream.
     connect_timeout: float = 5.0
     #: Seconds from the request sent to the complete response head (504 after), the
     #: longest time the upstream may take none of the request body (504), and the longest
@@ -129,6 +140,10 @@ class ProxyConfig:
     #: Seconds a client may stay idle between requests, pause while sending one, or not
     #: read what the proxy has to send it.
     client_timeout: float = 60.0
+    #: Seconds a client has to send a whole request head, from its first byte (the first
+    #: head: from the connection); 408 and closed after (slowloris). A new connection that
+    #: sent nothing in that time is closed.
+    header_timeout: float = 10.0
     #: Add the client's address to X-Forwarded-For.
     forwarded_for: bool = False
     #: Path answered with the statistics as JSON (b"": none).
@@ -138,6 +153,11 @@ class ProxyConfig:
     #: response head and trailers (502).
     max_url: int = 8192
     max_head: int = 65536
+
+    @property
+    def upstream_limit(self) -> int:
+        """The cap on upstream connections: ``max_upstream``, else ``max_connections``."""
+        return self.max_upstream or self.max_connections
 
     @property
     def default_host(self) -> bytes:
@@ -155,7 +175,7 @@ class ProxyStats:
     Upstream connections: ``created`` opened; ``reused`` requests sent on a connection that
     had served one before; ``dropped`` idle pooled connections found dead (closed, reset
     or talking while idle) and removed; ``expired`` idle ones the proxy closed (after
-    ``max_idle``, or the oldest to make room at ``max_connections`` for a retry's fresh
+    ``max_idle``, or the oldest to make room at ``max_upstream`` for a retry's fresh
     connection); ``discarded`` closed instead of pooled, not for a fault of the upstream:
     after a response (the upstream asked to close, the pool was full, the response began
     before the request was complete), or mid-exchange for the client's sake (it left,
@@ -163,7 +183,7 @@ class ProxyStats:
     ``failed`` broken during an exchange by the upstream (reset, closed early, invalid or
     too large response, timeout); ``connect_errors`` connects that failed or timed out.
     Now: ``idle``, ``in_use``, ``connecting``, ``waiting`` (requests waiting for a
-    connection at ``max_connections``).
+    connection at ``max_upstream``, or for an fd at the fd limit).
 
     Requests: ``requests`` received for the upstream (not those for ``stats_path``, which
     the proxy answers, nor those refused for their head, counted in ``client_errors``
@@ -171,7 +191,9 @@ class ProxyStats:
     ``bad_gateway`` (502), ``unavailable`` (503), ``gateway_timeout`` (504) and
     ``client_errors`` (requests refused: 400, 405, 408, 414, 431, 501) answered by the
     proxy itself; ``aborted`` client connections
-    aborted mid-response; ``clients`` open now.
+    aborted mid-response; ``refused`` client connections turned away at
+    ``max_connections`` (answered 503 before any request was read; not in
+    ``unavailable``, which counts requests); ``clients`` open now.
     """
 
     created: int
@@ -192,6 +214,7 @@ class ProxyStats:
     gateway_timeout: int
     client_errors: int
     aborted: int
+    refused: int
     clients: int
 
     def as_dict(self) -> dict:
@@ -206,7 +229,7 @@ class Counters:
 
     __slots__ = ("created", "reused", "dropped", "expired", "discarded", "failed",
                  "connect_errors", "requests", "retried", "bad_gateway", "unavailable",
-                 "gateway_timeout", "client_errors", "aborted")
+                 "gateway_timeout", "client_errors", "aborted", "refused")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -510,8 +533,15 @@ class RequestReader(_Reader):
         version = p.get_http_version()
         if version not in ("1.0", "1.1"):
             raise self._fail(505, f"HTTP/{version} is not supported")
-        if url[:1] != b"/" and b"://" in url[:8]:
-            url, fields = self._origin_form(url, fields)
+        if url[:1] == b"*":
+            # The asterisk form asks about the server as a whole, and only OPTIONS can
+            # (RFC 9112 section 3.2.4); llhttp also lets "*..." through.
+            if url != b"*":
+                raise self._fail(400, "invalid request target")
+            if method != b"OPTIONS":
+                raise self._fail(400, "the target * is only for OPTIONS")
+        elif url[:1] != b"/" and b"://" in url[:8]:
+            url, fields = self._origin_form(method, url, fields)
         http10 = version == "1.0"
         keep_alive = p.should_keep_alive()
         # Several Transfer-Encoding lines are one list (the parser reads them so). Only
@@ -557,10 +587,11 @@ class RequestReader(_Reader):
         self._req = req
         self.sink.on_request(req)
 
-    def _origin_form(self, url: bytes, fields: list) -> tuple:
+    def _origin_form(self, method: bytes, url: bytes, fields: list) -> tuple:
         """An absolute-form target (``http://host/path``): its authority is the Host,
         whatever the Host field says (RFC 9112 section 3.2.2), and the upstream gets the
-        origin form."""
+        origin form; or ``*`` for an OPTIONS with neither path nor query, which asks
+        about the server as a whole (RFC 9112 section 3.2.4)."""
         scheme, _, rest = url.partition(b"://")
         if scheme.lower() not in (b"http", b"https"):
             raise self._fail(400, "invalid request target")
@@ -572,7 +603,10 @@ class RequestReader(_Reader):
         authority, path = rest[:end], rest[end:]
         if not authority or b"@" in authority or not _HOST_CHARS.issuperset(authority):
             raise self._fail(400, "invalid request target")
-        path = path if path[:1] == b"/" else b"/" + path
+        if not path and method == b"OPTIONS":
+            path = b"*"
+        elif path[:1] != b"/":
+            path = b"/" + path
         return path, [(b"Host", b"host", authority)] + [f for f in fields if f[1] != b"host"]
 
     def on_body(self, data: bytes) -> None:
@@ -868,11 +902,13 @@ class UpstreamPool:
         self.idle: deque = deque()         # oldest on the left, reused from the right
         self.waiters: deque = deque()      # clients waiting for a connection (FIFO)
         self.count = [0] * 5               # connections per state
+        #: a connect found no fd (EMFILE): requests wait until one may have come free
+        self.fds_short = False
         self.closed = False
 
     @property
     def open(self) -> int:
-        """Connections not closed yet (all that count against ``max_connections``)."""
+        """Connections not closed yet (all that count against ``max_upstream``)."""
         c = self.count
         return c[CONNECTING] + c[ACTIVE] + c[IDLE] + c[CLOSING]
 
@@ -891,17 +927,25 @@ class UpstreamPool:
         if not fresh and self.idle:
             self._give(self.idle.pop(), client)
             return
-        limit = self.config.max_connections
-        if limit and self.open >= limit:
+        limit = self.config.upstream_limit
+        if self.open >= limit or self.fds_short:
             if fresh and self.idle:        # make room: the oldest idle connection goes
                 self.counters.expired += 1
                 self._close(self.idle.popleft())
-            client.waiting = True
-            client.wait_fresh = fresh
+            self._wait(client, fresh)
+            return
+        self._connect(client, fresh)
+
+    def _wait(self, client: ClientConnection, fresh: bool, again: bool = False) -> None:
+        """``client`` waits for a connection, up to ``connect_timeout`` (503 after);
+        ``again``: it was the first waiter, and stays first, with its deadline."""
+        client.waiting = True
+        client.wait_fresh = fresh
+        if again:
+            self.waiters.appendleft(client)
+        else:
             client.wait_deadline = time.monotonic() + self.config.connect_timeout
             self.waiters.append(client)
-            return
-        self._connect(client)
 
     def _give(self, uc: UpstreamConnection, client: ClientConnection) -> None:
         reused = uc.uses > 0
@@ -912,7 +956,10 @@ class UpstreamPool:
         uc.client = client
         client.attach(uc, reused)
 
-    def _connect(self, client: ClientConnection) -> None:
+    def _connect(self, client: ClientConnection, fresh: bool, again: bool = False) -> None:
+        """Open a connection for ``client``. At the fd limit it waits instead, for a
+        connection to be released or an fd to come free (see ``fds_short``); ``again``:
+        it was the first waiter."""
         cfg = self.config
         uc = UpstreamConnection(self)
         self.count[CONNECTING] += 1
@@ -926,6 +973,14 @@ class UpstreamPool:
                                     connected, timeout=cfg.connect_timeout)
         except Exception as e:        # no socket (EMFILE...), engine shutting down
             self._set(uc, CLOSED)
+            if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+                # The clients being turned away at max_connections hold an fd each for
+                # a moment: they can take the fds the budget meant for upstream
+                # connections. The request waits for one to come free.
+                client.connecting = None
+                self.fds_short = True
+                self._wait(client, fresh, again)
+                return
             self.counters.connect_errors += 1
             # reported on the next turn: the caller may be deep in a parser callback
             self.engine.call_soon(self._connect_failed, uc, client, 502,
@@ -1051,11 +1106,18 @@ class UpstreamPool:
         self._serve_waiters()
 
     def _serve_waiters(self) -> None:
-        limit = self.config.max_connections
-        while self.waiters and not self.closed and (not limit or self.open < limit):
+        self.fds_short = False         # called when one may have come free: try
+        limit = self.config.upstream_limit
+        while self.waiters and not self.closed and self.open < limit and not self.fds_short:
             client = self.waiters.popleft()
             client.waiting = False
-            self._connect(client)
+            self._connect(client, client.wait_fresh, again=True)
+
+    def fd_freed(self) -> None:
+        """One of the proxy's connections has closed: if requests wait for an fd, there
+        is one."""
+        if self.fds_short:
+            self._serve_waiters()
 
     # -- time
     def check(self, now: float) -> None:
@@ -1065,12 +1127,15 @@ class UpstreamPool:
         while idle and now - idle[0].idle_since >= max_idle:
             self.counters.expired += 1
             self._close(idle.popleft())
+        if self.fds_short:             # fds may have come free some other way
+            self._serve_waiters()
         waiters = self.waiters
         while waiters and waiters[0].wait_deadline <= now:
             client = waiters.popleft()
             client.waiting = False
-            client.no_upstream(503, "no upstream connection became free within "
-                                    f"{self.config.connect_timeout:g} s")
+            what = ("no fd came free for an upstream connection" if self.fds_short
+                    else "no upstream connection became free")
+            client.no_upstream(503, f"{what} within {self.config.connect_timeout:g} s")
 
     def close(self) -> None:
         """Close the idle connections; no more connects. Those in use close after use."""
@@ -1112,11 +1177,16 @@ class ClientConnection(proactor.Handler):
         self.unchecked = 0             # bytes sent to it since its queue was looked at
         self.last = time.monotonic()   # last progress on the client's side
         self.up_deadline = float("inf")
+        # when the request head being received began (None: none is); header_timeout
+        self.head_since: Optional[float] = None
         self.closing = False
 
     # -- the client connection
     def connection_made(self, conn: Any) -> None:
         self.conn = conn
+        if not self.proxy.client_opened(self):
+            return                     # turned away: closing, nothing of it is read
+        self.head_since = time.monotonic()
         ip = None
         if self.config.forwarded_for:
             try:
@@ -1125,17 +1195,18 @@ class ClientConnection(proactor.Handler):
                 ip = b"unknown"
         self.reader = RequestReader(self, self.config, ip,
                                     upstream_close=self.config.pool_size == 0)
-        self.proxy.client_opened(self)
 
     def data_received(self, conn: Any, data: bytes) -> None:
         if self.closing or self.reader is None:
             return                     # refused already: what was in flight is dropped
-        self.last = time.monotonic()
+        now = self.last = time.monotonic()
         try:
             self.reader.feed(data)
         except RequestError as e:
             self._refuse(e)
             return
+        if self.head_since is None and self.reader.in_head:
+            self.head_since = now      # a request head began
         if not self.paused and len(self.queue) > 1:
             self._update_reading()
 
@@ -1160,6 +1231,11 @@ class ClientConnection(proactor.Handler):
             self.closing = True
             self.conn.close()
 
+    def turn_away(self, status: int, detail: str) -> None:
+        """Answer ``status`` before reading anything, and close."""
+        if self._send(error_response(status, detail, close=True)):
+            self.close()
+
     def _send(self, data: bytes) -> bool:
         """Send to the client; False if it is gone (reset, or closing), and then its
         exchange is dropped: ``connection_lost`` follows."""
@@ -1181,6 +1257,7 @@ class ClientConnection(proactor.Handler):
 
     # -- RequestReader's sink
     def on_request(self, req: Request) -> None:
+        self.head_since = None
         if self.closing:
             return
         path = self.config.stats_path
@@ -1254,6 +1331,7 @@ class ClientConnection(proactor.Handler):
         """The client sent something unusable: answer it after the requests before it, and
         read no more."""
         self.reader = None
+        self.head_since = None
         if self.queue and not self.queue[-1].complete:
             # The request being received is the culprit.
             req = self.queue.pop()
@@ -1285,6 +1363,9 @@ class ClientConnection(proactor.Handler):
                 self.conn.pause_reading()
             else:
                 self.conn.resume_reading()
+                if self.head_since is not None:
+                    # the rest of a head waited for the proxy, not for the client
+                    self.head_since = time.monotonic()
 
     # -- the exchange with the upstream
     def attach(self, uc: UpstreamConnection, reused: bool) -> None:
@@ -1479,11 +1560,28 @@ class ClientConnection(proactor.Handler):
             self._abort()
 
     # -- time
+    def _head_timeout(self) -> None:
+        """A request head not complete within header_timeout: 408 (after the answers to
+        the requests before it) and closed; a new connection that sent nothing is just
+        closed."""
+        self.head_since = None
+        if self.reader.in_message or self.queue:
+            self._refuse(RequestError(408, "request head not received within "
+                                           f"{self.config.header_timeout:g} s"))
+        else:
+            self.close()
+
     def check(self, now: float) -> None:
         """Called by the proxy's tick: act on expired deadlines."""
-        if self.closing or self.waiting or self.connecting is not None:
-            return                     # the pool watches those
+        if self.closing:
+            return
         cfg = self.config
+        since = self.head_since
+        if since is not None and not self.paused and now - since >= cfg.header_timeout:
+            self._head_timeout()
+            return
+        if self.waiting or self.connecting is not None:
+            return                     # the pool watches those
         if self.upstream is None:      # between requests, or a request head arriving
             if now - self.last >= cfg.client_timeout:
                 if self.reader is not None and self.reader.in_message:
@@ -1533,9 +1631,11 @@ class Proxy:
         self.pool = UpstreamPool(engine, config, self.counters)
         self.clients: set = set()
         self.servers: list = []
+        self._refusals_logged = 0      # counters.refused at the last log line about them
+        self._refusals_log_at = 0.0    # when the next refusal may be logged
         self.stats_interval = stats_interval
         timeouts = (config.connect_timeout, config.response_timeout, config.client_timeout,
-                    config.max_idle)
+                    config.header_timeout, config.max_idle)
         #: How often deadlines are checked: a timeout fires up to this much late.
         self.tick = min(1.0, max(0.02, min(timeouts) / 4))
         self._tick_handle: Any = None
@@ -1557,13 +1657,37 @@ class Proxy:
         self.servers.append(srv)
         return srv
 
-    def client_opened(self, client: ClientConnection) -> None:
+    def client_opened(self, client: ClientConnection) -> bool:
+        """Count a new client in; False if it is turned away (and closed): the proxy is
+        closed, or ``max_connections`` clients are open (503)."""
         if self.closed:
             client.close()
+            return False
+        if len(self.clients) >= self.config.max_connections:
+            self._refuse(client)
+            return False
         self.clients.add(client)
+        return True
+
+    def _refuse(self, client: ClientConnection) -> None:
+        """A client over ``max_connections``: 503 and closed. Logged at the first one and
+        then at most every ``REFUSALS_LOGGED_EVERY`` seconds, with how many there were:
+        at the limit new clients come all the time."""
+        c = self.counters
+        c.refused += 1
+        now = time.monotonic()
+        if now >= self._refusals_log_at:
+            n = c.refused - self._refusals_logged
+            logger.warning("at max_connections (%d clients): %d new client%s refused with "
+                           "503 since the last such line (logged at most every %g s)",
+                           len(self.clients), n, "" if n == 1 else "s", REFUSALS_LOGGED_EVERY)
+            self._refusals_logged = c.refused
+            self._refusals_log_at = now + REFUSALS_LOGGED_EVERY
+        client.turn_away(503, "too many clients")
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        self.pool.fd_freed()
 
     def _start_timers(self) -> None:
         if self.closed:
@@ -1593,7 +1717,7 @@ class Proxy:
             waiting=len(pool.waiters), requests=c.requests, retried=c.retried,
             bad_gateway=c.bad_gateway, unavailable=c.unavailable,
             gateway_timeout=c.gateway_timeout, client_errors=c.client_errors,
-            aborted=c.aborted, clients=len(self.clients))
+            aborted=c.aborted, refused=c.refused, clients=len(self.clients))
 
     def stats_response(self, req: Request) -> bytes:
         """The answer to a request for ``config.stats_path``."""
@@ -1625,6 +1749,56 @@ class Proxy:
 
 
 # ---------------------------------------------------------------------------- command line
+#: File descriptors kept for what is not a client or an upstream connection: the engine's
+#: own, the listening sockets, clients being turned away (503) and closed.
+SPARE_FDS = 64
+
+
+def fd_budget(max_connections: int, max_upstream: int) -> tuple[int, int]:
+    """``(max_connections, max_upstream)`` if the fd limit allows them, after raising the
+    soft limit toward the hard one; else lowered to what it allows, with a warning.
+
+    A client holds its socket and uses one upstream connection at a time; the upstream
+    connections, the pool's idle ones among them, are capped at ``max_upstream`` (0:
+    ``max_connections``). So the proxy needs ``max_connections`` + ``max_upstream`` (or
+    twice ``max_connections``) + :data:`SPARE_FDS` fds. When they do not fit, clients keep
+    at least half the room, the upstream connections get the rest up to their cap (more
+    than there are clients would only serve the moments a connection is being replaced).
+    (0, 0) if the limit leaves no room for a single client."""
+    try:
+        import resource
+    except ImportError:                      # not on Windows
+        return max_connections, max_upstream
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + (max_upstream or max_connections) + SPARE_FDS
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return max_connections, max_upstream
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    except (ValueError, OSError):
+        pass
+    if soft >= want:
+        return max_connections, max_upstream
+    room = soft - SPARE_FDS
+    if room < 2:
+        return 0, 0
+    if max_upstream:
+        clients = min(max_connections, max(room - max_upstream, room // 2))
+        upstream = min(max_upstream, room - clients)
+    else:
+        clients, upstream = min(max_connections, room // 2), 0
+    lowered = []
+    if clients < max_connections:
+        lowered.append(f"--max-connections {clients}, not {max_connections}")
+    if upstream < max_upstream:
+        lowered.append(f"--max-upstream {upstream}, not {max_upstream}")
+    logger.warning("the fd limit (%d) allows %s; using %s", soft, " and ".join(lowered),
+                   "them" if len(lowered) > 1 else "it")
+    return clients, upstream
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
@@ -1642,14 +1816,20 @@ def main() -> None:
     p.add_argument("--backend", default=None, choices=["auto", "uring", "trio"],
                    help="engine backend (default: $PROACTOR_BACKEND or auto)")
     d = ProxyConfig("", 0)
+    p.add_argument("--max-connections", metavar="N", type=int, default=d.max_connections,
+                   help="clients at once; one more is answered 503 and closed (lowered, "
+                        "with a warning, to what the fd limit allows: each client counts "
+                        "2 fds with its upstream connection) (default %(default)s)")
     p.add_argument("--pool-size", metavar="N", type=int, default=d.pool_size,
                    help="idle upstream connections kept for reuse; 0: a fresh upstream "
                         "connection per request (default %(default)s)")
     p.add_argument("--no-pool", dest="pool_size", action="store_const", const=0,
                    help="the same as --pool-size 0")
-    p.add_argument("--max-connections", metavar="N", type=int, default=d.max_connections,
-                   help="upstream connections open at once, 0: no limit; requests beyond "
-                        "it wait up to --connect-timeout, then get 503 (default %(default)s)")
+    p.add_argument("--max-upstream", metavar="N", type=int, default=d.max_upstream,
+                   help="upstream connections open at once, 0: as many as --max-connections; "
+                        "requests beyond it wait up to --connect-timeout, then get 503 "
+                        "(lowered, with a warning, to what the fd limit allows) "
+                        "(default %(default)s)")
     p.add_argument("--max-idle", metavar="S", type=float, default=d.max_idle,
                    help="seconds an idle upstream connection is kept (default %(default)s)")
     p.add_argument("--connect-timeout", metavar="S", type=float, default=d.connect_timeout,
@@ -1662,6 +1842,10 @@ def main() -> None:
     p.add_argument("--client-timeout", metavar="S", type=float, default=d.client_timeout,
                    help="seconds a client may idle between requests or stall "
                         "(default %(default)s)")
+    p.add_argument("--header-timeout", metavar="S", type=float, default=d.header_timeout,
+                   help="seconds a client has to send a request head, from its first byte "
+                        "(the first one: from the connection); 408 and closed after "
+                        "(default %(default)s)")
     p.add_argument("--forwarded-for", action="store_true",
                    help="add the client's address to X-Forwarded-For")
     p.add_argument("--stats-interval", metavar="S", type=float, default=0.0,
@@ -1670,9 +1854,17 @@ def main() -> None:
                    help="path answered with the statistics as JSON, '' for none "
                         "(default %(default)s)")
     a = p.parse_args()
-    if a.pool_size < 0 or a.max_connections < 0:
-        p.error("--pool-size and --max-connections must be >= 0")
+    if a.max_connections < 1:
+        p.error("--max-connections must be >= 1")
+    if a.pool_size < 0 or a.max_upstream < 0:
+        p.error("--pool-size and --max-upstream must be >= 0")
+    if not a.header_timeout > 0:
+        p.error("--header-timeout must be > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    max_connections, max_upstream = fd_budget(a.max_connections, a.max_upstream)
+    if not max_connections:
+        p.error(f"the fd limit (ulimit -n) leaves no room for a client: the proxy needs "
+                f"at least {SPARE_FDS + 2} fds")
 
     host, port = a.upstream
     try:                               # once, here: never a DNS lookup on the I/O thread
@@ -1680,10 +1872,11 @@ def main() -> None:
     except OSError as e:
         p.error(f"cannot resolve {host}: {e}")
     config = ProxyConfig(
-        upstream_host=info[4][0], upstream_port=port, pool_size=a.pool_size,
-        max_connections=a.max_connections, max_idle=a.max_idle,
+        upstream_host=info[4][0], upstream_port=port, max_connections=max_connections,
+        pool_size=a.pool_size, max_upstream=max_upstream, max_idle=a.max_idle,
         connect_timeout=a.connect_timeout, response_timeout=a.response_timeout,
-        client_timeout=a.client_timeout, forwarded_for=a.forwarded_for,
+        client_timeout=a.client_timeout, header_timeout=a.header_timeout,
+        forwarded_for=a.forwarded_for,
         stats_path=a.stats_path.encode())
     engine = proactor.Engine(backend=a.backend)
     proxy = Proxy(engine, config, stats_interval=a.stats_interval)

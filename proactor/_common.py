@@ -47,6 +47,9 @@ __all__ = ["Handler", "Stats", "Op", "TimerHandle", "WorkerPool", "bind_tcp",
 
 _get_ident = threading.get_ident
 
+#: While accepts on a listening socket keep failing, they are reported this often (s).
+ACCEPT_FAILURES_REPORTED_EVERY = 60.0
+
 
 class Handler:
     """Receives a connection's events. Subclass it and override what you need.
@@ -727,10 +730,55 @@ class BaseServer:
         self.addresses = [s.getsockname() for s in socks]
         self._closing = False
         self._open_listeners = 0             # listening sockets not closed yet
+        #: listening socket (the backend's key) -> its accept failures (_accept_failed)
+        self._accept_failing: dict = {}
 
     @property
     def port(self) -> int:
         return self.addresses[0][1]
+
+    def _accept_failed(self, listener: Any, exc: OSError) -> None:
+        """Called by the backend when an accept on ``listener`` (its key for the listening
+        socket) failed and is retried in 0.1 s: at the fd limit (EMFILE), or short of
+        memory. The first failure is logged; the next ones are counted and reported every
+        :data:`ACCEPT_FAILURES_REPORTED_EVERY` seconds while they go on, and the first
+        report without any says so, with the total. At the fd limit accepts fail and
+        succeed in turn as fds come and go: that is one line a minute too, not ten or
+        twenty a second."""
+        trouble = self._accept_failing.get(listener)
+        if trouble is not None:
+            trouble[0] += 1
+            trouble[1] += 1
+            trouble[3] = exc
+            return
+        every = ACCEPT_FAILURES_REPORTED_EVERY
+        logger.warning("accept on %s failed: %s; retrying every 0.1 s (further failures "
+                       "are counted and reported every %g s)", self.addresses, exc, every)
+        # failures since the last report, in all, since when, the last error
+        self._accept_failing[listener] = [0, 1, time.monotonic(), exc]
+        self._engine.call_later(every, self._accept_report, listener)
+
+    def _accept_report(self, listener: Any) -> None:
+        """The periodic report of :meth:`_accept_failed` (engine's thread)."""
+        trouble = self._accept_failing.get(listener)
+        if trouble is None:
+            return
+        if self._closing:
+            del self._accept_failing[listener]
+            return
+        every = ACCEPT_FAILURES_REPORTED_EVERY
+        recent, total, since, exc = trouble
+        if recent:
+            logger.warning("accept on %s: %d more attempt%s failed in the last %g s (%s); "
+                           "retrying every 0.1 s", self.addresses, recent,
+                           "" if recent == 1 else "s", every, exc)
+            trouble[0] = 0
+            self._engine.call_later(every, self._accept_report, listener)
+        else:
+            del self._accept_failing[listener]
+            logger.warning("accept on %s: no attempt failed in the last %g s (%d failed in "
+                           "all, the first %.0f s ago)", self.addresses, every, total,
+                           time.monotonic() - since)
 
     def _start(self) -> None:
         """Backend: start accepting on the sockets (engine's thread, once it runs)."""

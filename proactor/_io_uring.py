@@ -555,9 +555,7 @@ class UringEngine(BaseEngine):
                 if res >= 0:
                     self._accepted(srv, res)
                 else:
-                    exc = os_error(res, "accept")
-                    logger.warning("accept on %s failed: %s; retrying in 0.1 s",
-                                   srv.addresses, exc)
+                    srv._accept_failed(i, os_error(res, "accept"))
                     self._timers.add(time.monotonic() + 0.1, srv._rearm, (i,))
             elif t == EV_EOF:
                 c = conns[i]

@@ -817,9 +817,7 @@ class TrioEngine(BaseEngine):
                         except OSError as e:
                             if e.errno in _ACCEPT_TRANSIENT:
                                 continue
-                            logger.warning("accept on %s failed: %s; retrying in 0.1 s",
-                                           srv.addresses, os_error(e.errno or errno.EIO,
-                                                                   "accept"))
+                            srv._accept_failed(fd, os_error(e.errno or errno.EIO, "accept"))
                             await trio.sleep(0.1)
                             break
                         self._ncompleted += 1

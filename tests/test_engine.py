@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import queue
 import random
@@ -26,6 +27,7 @@ from support import (
     free_port,
     has_feature,
     on_engine_thread,
+    open_fds,
     recv_exactly,
     recv_until_eof,
     run_echo_clients,
@@ -326,6 +328,79 @@ def test_connection_lost_raises(engine, log_errors, workers):
     wait_until(lambda: log_errors.matching("connection_lost of"))
     echo_once(("127.0.0.1", srv.port))
     wait_until(lambda: len(log_errors.matching("connection_lost of")) == 2)
+
+
+def test_accept_failures_at_the_fd_limit_are_logged_once_then_counted(engine, log_errors,
+                                                                      caplog, monkeypatch):
+    """At the fd limit accept fails (EMFILE) and is retried every 0.1 s: the first failure
+    is logged, the next ones are counted and reported once a period while they go on (they
+    were logged ten times a second), also when an accept gets through between them as an
+    fd comes free; the first period without one says so, with the total. The clients that
+    waited in the backlog are served. (The fds of this process run out for a while:
+    everything the test needs is open before, and they are given back in any case.)"""
+    import resource
+
+    from proactor import _common
+
+    every = 0.5
+    monkeypatch.setattr(_common, "ACCEPT_FAILURES_REPORTED_EVERY", every, raising=False)
+    caplog.set_level(logging.WARNING, logger="proactor")
+
+    def accept_logs() -> list:
+        return [r.getMessage() for r in caplog.records
+                if r.name == "proactor" and r.getMessage().startswith("accept on")]
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list = []
+    with socket.socket() as client, socket.socket() as client2:
+        client.settimeout(20)
+        client2.settimeout(20)
+        try:
+            # Lowered before the server starts: io_uring's accept takes the limit in force
+            # when it is armed.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 16, hard))
+            srv = engine.serve_tcp(Echo, "127.0.0.1", 0)
+            fds = len(open_fds())
+            echo_once(("127.0.0.1", srv.port))
+            # Its fd closed first: freed later, it would let the next accept through.
+            wait_until(lambda: len(open_fds()) <= fds)
+            while True:
+                try:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError as e:
+                    assert e.errno == errno.EMFILE, e
+                    break
+            client.connect(("127.0.0.1", srv.port))      # waits in the backlog
+            client.sendall(b"ping")
+            t0 = time.monotonic()
+            wait_until(accept_logs, timeout=10)
+            os.close(held.pop())        # one fd: client gets in, and takes it
+            assert recv_exactly(client, 4) == b"ping"
+            client2.connect(("127.0.0.1", srv.port))     # fails again
+            client2.sendall(b"pong")
+            # failing for two periods and more: two reports
+            wait_until(lambda: len(accept_logs()) >= 3, timeout=10)
+            failing = accept_logs()
+            assert time.monotonic() - t0 >= 2 * every
+            for fd in held:
+                os.close(fd)
+            held = []
+            assert recv_exactly(client2, 4) == b"pong"
+            wait_until(lambda: "no attempt failed" in accept_logs()[-1], timeout=10)
+            echo_once(("127.0.0.1", srv.port))
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    first, *reports = failing           # a success between failures: still one line
+    assert "failed: [Errno 24] Too many open files" in first, failing
+    assert "retrying every 0.1 s" in first, failing
+    for line in reports[:2]:
+        assert re.search(r": \d+ more attempts? failed in the last 0.5 s", line), failing
+    logs = accept_logs()
+    assert len(logs) <= len(failing) + 2, logs     # the one being made, and the last
+    assert re.search(r": no attempt failed in the last 0.5 s \(\d+ failed in all, the "
+                     r"first \d+ s ago\)", logs[-1]), logs
 
 
 def test_stop_lets_busy_workers_finish(make_engine):

@@ -10,10 +10,13 @@ clients are blocking sockets that read responses with h11.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
+import logging
 import os
 import random
+import select
 import signal
 import socket
 import struct
@@ -26,7 +29,14 @@ from typing import Any, Callable, Optional
 
 import h11
 import pytest
-from support import closed_port, connect, on_engine_thread, recv_until_eof, wait_until
+from support import (
+    closed_port,
+    connect,
+    on_engine_thread,
+    open_fds,
+    recv_until_eof,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.linux, pytest.mark.timeout(60)]
 
@@ -423,6 +433,10 @@ CHUNKED_POST = b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r
     (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\n\r\n", 400),                          # no Host
     (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),        # * only with OPTIONS
+    (b"HEAD * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"POST * HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", 400),
+    (b"OPTIONS *x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
 ])
 def test_request_reader_refuses(raw, status):
     config = proxy_mod.ProxyConfig("127.0.0.1", 1, max_url=100, max_head=500)
@@ -489,6 +503,23 @@ def test_request_reader_absolute_form_target():
         with pytest.raises(proxy_mod.RequestError) as e:
             r.feed(bad)
         assert e.value.status == 400
+
+
+def test_request_reader_asterisk_form_only_for_options():
+    """RFC 9112 section 3.2.4: ``*`` is the target of an OPTIONS about the server as a
+    whole, forwarded as it is; an absolute-form OPTIONS with neither path nor query asks
+    the same and goes upstream as ``*``; with a path or a query it is not."""
+    sink = Sink()
+    reader = proxy_mod.RequestReader(sink, proxy_mod.ProxyConfig("127.0.0.1", 1))
+    reader.feed(b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"OPTIONS http://b.test HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"OPTIONS http://b.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                b"OPTIONS http://b.test?q HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    heads = [r.head for k, r in sink.events if k == "request"]
+    assert heads == [b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\nVia: 1.1 proactor\r\n\r\n",
+                     b"OPTIONS * HTTP/1.1\r\nHost: b.test\r\nVia: 1.1 proactor\r\n\r\n",
+                     b"OPTIONS / HTTP/1.1\r\nHost: b.test\r\nVia: 1.1 proactor\r\n\r\n",
+                     b"OPTIONS /?q HTTP/1.1\r\nHost: b.test\r\nVia: 1.1 proactor\r\n\r\n"]
 
 
 def test_request_reader_http10_with_transfer_encoding_closes_after():
@@ -946,10 +977,10 @@ def test_without_a_pool_no_connection_serves_two_requests(engine, make_upstream,
                                                           make_proxy):
     """pool_size=0 asks the upstream to close after each request, so no request may
     follow on that connection (RFC 9112 section 9.6), not even one waiting for a
-    connection under max_connections, and whatever the response said: POSTs (never
+    connection under max_upstream, and whatever the response said: POSTs (never
     retried) all succeed, none reuses a connection."""
     up = make_upstream(lambda req: [0.2, ok(b"done"), 0.05, CLOSE])   # close not echoed
-    h = make_proxy(up.port, pool_size=0, max_connections=1)
+    h = make_proxy(up.port, pool_size=0, max_upstream=1)
     results = []
 
     def post() -> None:
@@ -997,11 +1028,11 @@ def test_pool_size_limits_idle_connections(engine, make_upstream, make_proxy):
             c.close()
 
 
-def test_max_connections_under_concurrency(engine, make_upstream, make_proxy):
-    """8 clients × 5 requests at once through max_connections=2: all answered, never more
+def test_max_upstream_under_concurrency(engine, make_upstream, make_proxy):
+    """8 clients × 5 requests at once through max_upstream=2: all answered, never more
     than 2 upstream connections open, the same 2 serving every request."""
     up = make_upstream(lambda req: [0.005, ok(req.target)])
-    h = make_proxy(up.port, pool_size=2, max_connections=2)
+    h = make_proxy(up.port, pool_size=2, max_upstream=2)
     errors: list = []
 
     def run(i: int) -> None:
@@ -1023,9 +1054,9 @@ def test_max_connections_under_concurrency(engine, make_upstream, make_proxy):
     assert (st.created, st.reused, st.requests) == (2, 38, 40)
 
 
-def test_max_connections_wait_times_out_503(engine, make_upstream, make_proxy):
+def test_max_upstream_wait_times_out_503(engine, make_upstream, make_proxy):
     up = make_upstream(lambda req: [30.0] if req.target == b"/stall" else [ok(b"ok")])
-    h = make_proxy(up.port, max_connections=1, connect_timeout=0.3)
+    h = make_proxy(up.port, max_upstream=1, connect_timeout=0.3)
     with h.client() as a, h.client() as b:
         a.send(get_req("/stall"))
         wait_until(lambda: len(up.requests) == 1)
@@ -1034,6 +1065,105 @@ def test_max_connections_wait_times_out_503(engine, make_upstream, make_proxy):
         assert r.status == 503 and 0.25 < time.monotonic() - t0 < 5
         assert h.stats().unavailable == 1
     h.wait_stats(clients=0, in_use=0)
+
+
+def test_max_connections_turns_clients_away(engine, make_upstream, make_proxy, caplog):
+    """Over max_connections a new client is answered 503 and closed before anything of it
+    is read; the clients in are served, and once one has left a new one gets in. The
+    refusals are logged once, then at most once a minute (with their count)."""
+    caplog.set_level(logging.WARNING, logger="proxy")
+    up = make_upstream()
+    h = make_proxy(up.port, max_connections=2)
+    with h.client() as a, h.client() as b:
+        h.wait_stats(clients=2)
+        for _ in range(2):
+            with h.client() as extra:
+                r = extra.response()
+                assert r.status == 503 and r.header(b"connection") == b"close"
+                extra.assert_closed()
+        assert a.get("/a").body == b"/a" and b.get("/b").body == b"/b"
+    h.wait_stats(clients=0)
+    with h.client() as c:
+        assert c.get("/c").body == b"/c"
+    st = h.stats()
+    assert (st.refused, st.unavailable, st.requests) == (2, 0, 3)
+    assert [r.target for r in up.requests] == [b"/a", b"/b", b"/c"]
+    logged = [r.getMessage() for r in caplog.records if "refused with 503" in r.getMessage()]
+    assert logged == ["at max_connections (2 clients): 1 new client refused with 503 since "
+                      "the last such line (logged at most every 60 s)"]
+
+
+def test_upstream_connections_are_capped_at_max_connections_by_default(engine, make_proxy):
+    """Without max_upstream, the upstream connections are capped at max_connections: a
+    client that leaves while its connect hangs leaves the connect behind (it would serve
+    the pool), and the next client's request waits for it instead of opening one more
+    (which could go on until the fds run out)."""
+    lst = socket.socket()
+    fill: list = []
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        for _ in range(3):              # a full accept queue: SYNs dropped, connects hang
+            s = socket.socket()
+            fill.append(s)
+            s.setblocking(False)
+            s.connect_ex(lst.getsockname())
+        h = make_proxy(lst.getsockname()[1], max_connections=1, connect_timeout=2.0)
+        with h.client() as a:
+            a.send(get_req("/a"))
+            h.wait_stats(connecting=1)
+        h.wait_stats(clients=0)
+        with h.client() as b:
+            b.send(get_req("/b"))
+            st = h.wait_stats(requests=2)
+            assert (st.connecting, st.waiting, st.connect_errors) == (1, 1, 0), st
+            # a's connect times out, then b's (or b's wait ends first: 503)
+            assert b.response().status in (503, 504)
+        h.wait_stats(connecting=0, waiting=0, clients=0, timeout=10)
+    finally:
+        for s in fill:
+            s.close()
+        lst.close()
+
+
+def test_no_fd_for_an_upstream_connection_waits_for_one(engine, make_upstream, make_proxy):
+    """At the fd limit (clients being turned away take the fds for a moment) a request
+    finds no fd for its upstream connection: it waits for one to come free, as at
+    max_upstream, instead of failing: served when one does, else 503 after
+    connect_timeout. (The fds of this process run out for a while: everything the test
+    needs is open before, and they are given back in any case.)"""
+    import resource
+
+    up = make_upstream()
+    h = make_proxy(up.port, connect_timeout=1.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list = []
+    with h.client() as late, h.client() as served:
+        h.wait_stats(clients=2)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 16, hard))
+            while True:
+                try:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError as e:
+                    assert e.errno == errno.EMFILE, e
+                    break
+            late.send(get_req("/late"))
+            r = late.response()
+            assert r.status == 503 and b"no fd came free" in r.body, r
+            served.send(get_req("/served"))
+            h.wait_stats(waiting=1)
+            for fd in held:
+                os.close(fd)
+            held = []
+            assert served.response().body == b"/served"
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    st = h.wait_stats(clients=0)
+    assert (st.unavailable, st.bad_gateway, st.connect_errors) == (1, 0, 0), st
+    assert [r.target for r in up.requests] == [b"/served"]
 
 
 def test_dead_idle_connection_is_dropped(engine, make_upstream, make_proxy):
@@ -1075,7 +1205,7 @@ def test_reused_connection_failing_is_retried_for_get_only(engine, make_upstream
 
 def test_retry_making_room_counts_the_closed_idle_connection(engine, make_upstream,
                                                              make_proxy):
-    """At max_connections, a retry's fresh connection needs room: the oldest idle one is
+    """At max_upstream, a retry's fresh connection needs room: the oldest idle one is
     closed for it, and counted (as expired: closed idle by the proxy)."""
     both = threading.Barrier(2, timeout=10)
 
@@ -1086,7 +1216,7 @@ def test_retry_making_room_counts_the_closed_idle_connection(engine, make_upstre
         return [CLOSE] if req.index == 1 else [ok(req.target)]
 
     up = make_upstream(respond)
-    h = make_proxy(up.port, max_connections=2)
+    h = make_proxy(up.port, max_upstream=2)
     with h.client() as a, h.client() as b:
         a.send(get_req("/a"))
         b.send(get_req("/b"))
@@ -1386,6 +1516,7 @@ def test_idle_connections_expire(engine, make_upstream, make_proxy):
     (CHUNKED_POST + (b"X-T: " + b"t" * 100 + b"\r\n") * 30, 431),
     (CHUNKED_POST + b"X-T: " + b"t" * 5000, 431),
     (b"CONNECT t:443 HTTP/1.1\r\nHost: t:443\r\n\r\n", 501),
+    (b"GET * HTTP/1.1\r\nHost: t\r\n\r\n", 400),
 ])
 def test_client_errors(engine, make_upstream, make_proxy, raw, status):
     """A bad request is answered (after the good one before it) and the connection closed;
@@ -1400,6 +1531,18 @@ def test_client_errors(engine, make_upstream, make_proxy, raw, status):
         c.assert_closed()
     assert [r.target for r in up.requests] == [b"/good"]
     assert h.wait_stats(clients=0).client_errors == 1
+
+
+def test_options_asterisk_is_forwarded(engine, make_upstream, make_proxy):
+    """``OPTIONS *`` goes upstream as it came (``GET *`` is refused: test_client_errors)."""
+    up = make_upstream(lambda req: [ok(headers=(b"Allow: GET, HEAD, OPTIONS",))])
+    h = make_proxy(up.port)
+    with h.client() as c:
+        r = c.request(get_req("*", method=b"OPTIONS"), method=b"OPTIONS")
+        assert r.status == 200 and r.header(b"allow") == b"GET, HEAD, OPTIONS"
+        assert c.get("/after").status == 200
+    assert [(r.method, r.target) for r in up.requests] == [(b"OPTIONS", b"*"),
+                                                           (b"GET", b"/after")]
 
 
 def test_stats_endpoint(engine, make_upstream, make_proxy):
@@ -1435,6 +1578,76 @@ def test_client_timeouts(engine, make_upstream, make_proxy):
         slow.assert_closed()
         assert time.monotonic() - t0 < 5
     h.wait_stats(clients=0)
+
+
+def test_slowloris_head_gets_408(engine, make_upstream, make_proxy):
+    """A request head dribbled a byte at a time (each byte keeps client_timeout away) gets
+    408 once header_timeout has passed since its first byte, and the connection closes;
+    nothing goes upstream."""
+    up = make_upstream()
+    h = make_proxy(up.port, header_timeout=0.5)
+    with h.client() as c:
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        t0 = time.monotonic()
+        while (not select.select([c.sock], [], [], 0.1)[0]
+               and time.monotonic() - t0 < 10):
+            c.send(b"X")                # a field name that never ends
+        r = c.response()
+        assert r.status == 408 and r.header(b"connection") == b"close"
+        assert 0.4 < time.monotonic() - t0 < 5
+        c.assert_closed()
+    assert up.requests == []
+    assert h.wait_stats(clients=0).client_errors == 1
+
+
+def test_silent_new_connection_closed_after_header_timeout(engine, make_upstream,
+                                                           make_proxy):
+    """A new connection that sends nothing within header_timeout is closed (there is no
+    request to answer); one whose heads come in time stays, however long it waits between
+    them (that is client_timeout's business)."""
+    up = make_upstream()
+    h = make_proxy(up.port, header_timeout=0.3)
+    with h.client() as silent, h.client() as kept:
+        assert kept.get("/1").status == 200
+        t0 = time.monotonic()
+        silent.assert_closed()
+        assert 0.25 < time.monotonic() - t0 < 5
+        time.sleep(0.6)                 # idle for twice header_timeout
+        assert kept.get("/2").status == 200
+    assert h.wait_stats(clients=0).client_errors == 0
+
+
+def test_late_head_behind_a_request_gets_408_after_its_answer(engine, make_upstream,
+                                                              make_proxy):
+    """A pipelined request whose head does not come in time: the request before it is
+    answered first, then the 408, then the connection closes."""
+    up = make_upstream(lambda req: [0.3, ok(req.target)])
+    h = make_proxy(up.port, header_timeout=0.5)
+    with h.client() as c:
+        c.send(get_req("/first") + b"GET /second HTTP/1.1\r\nHo")
+        assert c.response().body == b"/first"
+        r = c.response()
+        assert r.status == 408 and r.header(b"connection") == b"close"
+        c.assert_closed()
+    assert [r.target for r in up.requests] == [b"/first"]
+
+
+def test_head_time_does_not_run_while_the_proxy_is_not_reading(engine, make_upstream,
+                                                               make_proxy):
+    """Reading pauses while two requests are queued: the start of a third head, read
+    before the pause, is not timed while the proxy reads nothing more of it; its time
+    starts anew when reading resumes."""
+    up = make_upstream(lambda req: [2.0, ok(req.target)] if req.target == b"/1"
+                       else [ok(req.target)])
+    h = make_proxy(up.port, header_timeout=1.0)
+    with h.client() as c:
+        c.send(get_req("/1") + get_req("/2") + b"GET /3 HTTP/1.1\r\nHo")
+        assert c.response().body == b"/1"          # after 2 s, twice header_timeout
+        time.sleep(0.5)                 # half of header_timeout since reading resumed
+        c.send(b"st: t\r\n\r\n")
+        assert c.response().body == b"/2"
+        assert c.response().body == b"/3"
+    assert [r.target for r in up.requests] == [b"/1", b"/2", b"/3"]
 
 
 def test_slow_reader_gets_everything(engine, make_upstream, make_proxy):
@@ -1483,12 +1696,13 @@ def test_client_leaving_mid_response(engine, make_upstream, make_proxy):
 
 
 def test_script(backend, make_upstream):
-    """The example as a program: prints 'listening on', proxies, serves its stats, stops
-    on SIGINT."""
+    """The example as a program: prints 'listening on', proxies, serves its stats, answers
+    a head that does not come in --header-timeout with 408, stops on SIGINT."""
     up = make_upstream()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, str(SCRIPT), "--upstream", f"127.0.0.1:{up.port}",
-                          "--backend", backend, "--stats-interval", "0.2", "0"],
+                          "--backend", backend, "--stats-interval", "0.2",
+                          "--header-timeout", "0.3", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = p.stdout.readline()
@@ -1497,6 +1711,11 @@ def test_script(backend, make_upstream):
         with Client(port) as c:
             assert c.get("/hello").body == b"/hello"
             assert json.loads(c.get("/_proxy/stats").body)["created"] == 1
+        with Client(port) as c:
+            t0 = time.monotonic()
+            c.send(b"GET / HTTP/1.1\r\nHo")
+            assert c.response().status == 408
+            assert time.monotonic() - t0 < 5          # not the default 10 s
         time.sleep(0.3)
     finally:
         p.send_signal(signal.SIGINT)
@@ -1508,3 +1727,87 @@ def test_script(backend, make_upstream):
             raise
     assert p.returncode == 0, err
     assert "pool: created=1 reused=0" in err
+
+
+def test_max_connections_fit_the_fd_limit(backend, make_upstream):
+    """With a low fd limit the program lowers --max-connections to what it allows (two fds
+    a client: its socket and its upstream connection) and says so. That many clients, each
+    with a request upstream at the same time, are all answered; the next ones get 503:
+    no fd runs out, nothing hangs."""
+    import resource
+
+    limit = 200
+    fit = (limit - proxy_mod.SPARE_FDS) // 2
+    lock = threading.Lock()
+    arrived = [0]
+    all_in = threading.Event()
+
+    def respond(req: Received) -> list:
+        with lock:
+            arrived[0] += 1
+            if arrived[0] == fit:
+                all_in.set()
+        all_in.wait(30)                 # every exchange open at once
+        return [ok(req.target)]
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    up = make_upstream(respond)
+    p = subprocess.Popen([sys.executable, str(SCRIPT), "--upstream", f"127.0.0.1:{up.port}",
+                          "--backend", backend, "--max-connections", "10000", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=low_limit)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line + p.stderr.read()
+        port = int(line.rsplit(":", 1)[1])
+        clients = [Client(port) for _ in range(fit)]
+        try:
+            for i, c in enumerate(clients):
+                c.send(get_req(f"/{i}"))
+            assert all_in.wait(30), f"{arrived[0]} of {fit} requests reached the upstream"
+            extras = [Client(port) for _ in range(10)]
+            try:
+                for extra in extras:
+                    assert extra.response().status == 503
+                    extra.assert_closed()
+            finally:
+                for extra in extras:
+                    extra.close()
+            for i, c in enumerate(clients):
+                assert c.response().body == f"/{i}".encode()
+        finally:
+            for c in clients:
+                c.close()
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
+    assert p.returncode == 0, err
+    assert f"the fd limit ({limit}) allows --max-connections {fit}, not 10000" in err, err
+    assert "Too many open files" not in err and "accept on" not in err, err
+
+
+def test_fd_budget_shares_the_fd_limit():
+    """What fd_budget makes of a limit of 200 fds (136 after the spare ones): unchanged if
+    it fits; else clients keep at least half, upstream connections get the rest up to their
+    cap. (A child process: it lowers its own fd limit.)"""
+    code = f"""
+import importlib.util, logging, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+logging.disable(logging.WARNING)
+spec = importlib.util.spec_from_file_location("proxy_example", {str(SCRIPT)!r})
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
+print([mod.fd_budget(*a) for a in [(10, 0), (40, 90), (10000, 0), (10000, 100), (50, 1000),
+                                   (1000, 30)]])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[(10, 0), (40, 90), (68, 0), (68, 68), (50, 86), (106, 30)]"
