@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import logging
 import os
 import select
@@ -59,6 +60,24 @@ FEATURES = frozenset({"tcp", "tls", "sock", "readers", "executor", "streams", "p
                       "subprocess", "signals", "unix", "udp", "sendfile"})
 
 _MAX_WRITE_WARNINGS = 5
+
+#: Python 3.13's ``Server`` keeps its transports (for ``close_clients``/``abort_clients``):
+#: ``_attach``/``_detach`` take the transport. Before, they only counted.
+_SERVER_KEEPS_TRANSPORTS = len(inspect.signature(base_events.Server._attach).parameters) > 1
+
+
+def _server_attach(server: Any, transport: Any) -> None:
+    if _SERVER_KEEPS_TRANSPORTS:
+        server._attach(transport)
+    else:
+        server._attach()
+
+
+def _server_detach(server: Any, transport: Any) -> None:
+    if _SERVER_KEEPS_TRANSPORTS:
+        server._detach(transport)
+    else:
+        server._detach()
 
 
 class _RingSelector:
@@ -138,7 +157,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._write_warnings = 0
         self.set_protocol(protocol)
         if server is not None:
-            server._attach()
+            _server_attach(server, self)
 
     # -- the engine-level handler
     def connection_made(self, conn: Any) -> None:
@@ -234,7 +253,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             self._protocol = None
             server = self._server
             if server is not None:
-                server._detach()
+                _server_detach(server, self)
                 self._server = None
 
     # -- asyncio.Transport
@@ -450,6 +469,9 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._selector = _RingSelector(eng, self)
         self._write_checks: list = []      # transports that wrote past their high mark
         self._listeners: dict[int, Any] = {}
+        # Unix server sockets whose path is removed when they stop serving: socket ->
+        # inode of the path (filled by 3.13's create_unix_server, cleanup_socket=True).
+        self._unix_server_sockets: dict[socket.socket, int] = {}
         self._signal_handlers: dict[int, asyncio.Handle] = {}
         self._transports: Any = weakref.WeakValueDictionary()   # asyncio's datagram transport
         self._watches: dict[int, list] = {}    # fd -> [reader handle, writer handle]
@@ -606,10 +628,20 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         self._listeners[sock.fileno()] = listener
 
     def _stop_serving(self, sock: socket.socket) -> None:
+        path = sock.getsockname() if sock in self._unix_server_sockets else None
         listener = self._listeners.pop(sock.fileno(), None)
         if listener is not None:
             listener.close()                   # the ring's duplicate
         sock.close()                           # the caller's socket (as selector loops do)
+        if path is not None:                   # as 3.13's unix loop: remove the socket's
+            ino = self._unix_server_sockets.pop(sock)    # path if it is still ours
+            try:
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                logger.error("Unable to clean up listening UNIX socket %r: %r", path, err)
 
     # -- socket operations
     def _check_sock(self, sock: socket.socket) -> None:

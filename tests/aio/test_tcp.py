@@ -160,6 +160,41 @@ def test_server_async_with(loop):
     run(loop, main())
 
 
+@pytest.mark.skipif(not hasattr(asyncio.Server, "close_clients"),
+                    reason="Server.close_clients/abort_clients are new in Python 3.13")
+@pytest.mark.parametrize("how", ["close_clients", "abort_clients"])
+def test_server_close_clients_abort_clients(loop, how):
+    """3.13's Server keeps its transports: close_clients()/abort_clients() end every
+    accepted connection, and wait_closed() returns once they are gone."""
+    async def main():
+        accepted = []
+
+        class Server(EchoServerProtocol):
+            def connection_made(self, transport):
+                super().connection_made(transport)
+                accepted.append(transport)
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clients = []
+        for _ in range(3):
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     "127.0.0.1", port)
+            tr.write(b"hello")
+            await wait_for_condition(lambda p=proto: p.data == b"hello")
+            clients.append((tr, proto))
+        assert len(accepted) == 3
+        server.close()
+        getattr(server, how)()
+        assert all(t.is_closing() for t in accepted)
+        for tr, proto in clients:
+            await proto.done
+            assert proto.data == b"hello"
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+    run(loop, main())
+
+
 def test_server_close_keeps_existing_connections(loop):
     """Server.close() stops listening; connections already accepted go on."""
     async def main():

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 
 import pytest
 
@@ -81,5 +83,41 @@ def test_unix_socketpair_transport(loop):
             await proto.done
             assert proto.data == b"from the pair"
             assert b.recv(100) == b"back"
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("cleanup", [True, False])
+def test_unix_server_path_removed_on_close(loop, tmp_path, cleanup):
+    """Python 3.13 removes a Unix server's path when the server closes (unless
+    cleanup_socket=False, or the path has been replaced since); before 3.13 it stays."""
+    requires(loop, "unix")
+    path = str(tmp_path / "c.sock")
+    kwargs = {} if cleanup else {"cleanup_socket": False}
+    if not cleanup and sys.version_info < (3, 13):
+        pytest.skip("cleanup_socket= is new in Python 3.13")
+
+    async def main():
+        server = await loop.create_unix_server(EchoServerProtocol, path, **kwargs)
+        tr, proto = await loop.create_unix_connection(lambda: CollectProtocol(loop), path)
+        tr.write(b"x")
+        tr.write_eof()
+        await proto.done
+        assert proto.data == b"x"
+        assert os.path.exists(path)
+        server.close()
+        await server.wait_closed()
+        removed = cleanup and sys.version_info >= (3, 13)
+        assert os.path.exists(path) == (not removed)
+
+        # a path replaced since the bind is not the server's to remove
+        other = str(tmp_path / "d.sock")
+        server = await loop.create_unix_server(EchoServerProtocol, other, **kwargs)
+        os.unlink(other)
+        with socket.socket(socket.AF_UNIX) as stranger:
+            stranger.bind(other)
+            server.close()
+            await server.wait_closed()
+            assert os.path.exists(other)
 
     run(loop, main())
