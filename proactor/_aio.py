@@ -66,6 +66,28 @@ _MAX_WRITE_WARNINGS = 5
 _SERVER_KEEPS_TRANSPORTS = len(inspect.signature(base_events.Server._attach).parameters) > 1
 
 
+#: ``ssl_shutdown_timeout`` came with 3.11's new ``sslproto``; 3.10's SSLProtocol (and its
+#: create_connection, create_server, start_tls) have no such argument.
+_SSL_SHUTDOWN_TIMEOUT = "ssl_shutdown_timeout" in inspect.signature(
+    sslproto.SSLProtocol).parameters
+
+
+def _ssl_protocol(loop: Any, protocol: Any, sslcontext: Any, waiter: Any, server_side: bool,
+                  server_hostname: Optional[str], ssl_handshake_timeout: Optional[float],
+                  ssl_shutdown_timeout: Optional[float],
+                  call_connection_made: bool = True) -> Any:
+    """The running Python's ``sslproto.SSLProtocol``, given only what it accepts."""
+    kwargs: dict[str, Any] = {}
+    if _SSL_SHUTDOWN_TIMEOUT:
+        kwargs["ssl_shutdown_timeout"] = ssl_shutdown_timeout
+    elif ssl_shutdown_timeout is not None:
+        # asyncio's own methods refuse the keyword on 3.10 before getting here
+        raise TypeError("ssl_shutdown_timeout is not supported before Python 3.11")
+    return sslproto.SSLProtocol(loop, protocol, sslcontext, waiter, server_side,
+                                server_hostname, ssl_handshake_timeout=ssl_handshake_timeout,
+                                call_connection_made=call_connection_made, **kwargs)
+
+
 def _server_attach(server: Any, transport: Any) -> None:
     if _SERVER_KEEPS_TRANSPORTS:
         server._attach(transport)
@@ -597,11 +619,9 @@ class ProactorEventLoop(base_events.BaseEventLoop):
                             ssl_handshake_timeout: Optional[float] = None,
                             ssl_shutdown_timeout: Optional[float] = None,
                             call_connection_made: bool = True) -> Any:
-        ssl_protocol = sslproto.SSLProtocol(
-            self, protocol, sslcontext, waiter, server_side, server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-            ssl_shutdown_timeout=ssl_shutdown_timeout,
-            call_connection_made=call_connection_made)
+        ssl_protocol = _ssl_protocol(self, protocol, sslcontext, waiter, server_side,
+                                     server_hostname, ssl_handshake_timeout,
+                                     ssl_shutdown_timeout, call_connection_made)
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
@@ -615,10 +635,8 @@ class ProactorEventLoop(base_events.BaseEventLoop):
         def factory() -> _UringTransport:
             protocol = protocol_factory()
             if sslcontext is not None:
-                protocol = sslproto.SSLProtocol(
-                    self, protocol, sslcontext, None, True, None,
-                    ssl_handshake_timeout=ssl_handshake_timeout,
-                    ssl_shutdown_timeout=ssl_shutdown_timeout)
+                protocol = _ssl_protocol(self, protocol, sslcontext, None, True, None,
+                                         ssl_handshake_timeout, ssl_shutdown_timeout)
             return _UringTransport(self, None, protocol, server=server)
 
         # The ring listens on a duplicate of the socket: the Server keeps its socket

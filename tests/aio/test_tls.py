@@ -12,6 +12,7 @@ import ipaddress
 import shutil
 import ssl
 import subprocess
+import sys
 
 import pytest
 
@@ -231,6 +232,12 @@ def test_start_tls_upgrade(loop, server_ctx, client_ctx):
         def eof_received(self):
             return None
 
+        def connection_lost(self, exc):
+            # Python 3.10's TLS app transport warns (ResourceWarning) when collected
+            # unless its owner closed it, even after the connection was lost
+            if self.tls_transport is not None:
+                self.tls_transport.close()
+
     async def main():
         server = await loop.create_server(Server, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -251,6 +258,46 @@ def test_start_tls_upgrade(loop, server_ctx, client_ctx):
             assert bytes(proto.data) == data
             tls_tr.close()
             await proto.done
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_ssl_shutdown_timeout_argument(loop, server_ctx, client_ctx):
+    """ssl_shutdown_timeout= is taken where the running Python's asyncio has it (3.11+)
+    and refused with asyncio's own TypeError where it does not (3.10)."""
+    requires(loop, "tls")
+    has_it = sys.version_info >= (3, 11)
+    kw = {"ssl_shutdown_timeout": 5.0}
+
+    class ServerSide(CollectProtocol):
+        def connection_lost(self, exc):
+            self.transport.close()    # 3.10's TLS app transport warns unless closed
+            super().connection_lost(exc)
+
+    async def main():
+        if not has_it:
+            with pytest.raises(TypeError, match="ssl_shutdown_timeout"):
+                await loop.create_server(asyncio.Protocol, "127.0.0.1", 0, ssl=server_ctx,
+                                         **kw)
+        server = await loop.create_server(lambda: ServerSide(loop), "127.0.0.1", 0,
+                                          ssl=server_ctx, **(kw if has_it else {}))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            if not has_it:
+                with pytest.raises(TypeError, match="ssl_shutdown_timeout"):
+                    await loop.create_connection(asyncio.Protocol, "127.0.0.1", port,
+                                                 ssl=client_ctx, server_hostname=HOSTNAME,
+                                                 **kw)
+            tr, proto = await loop.create_connection(
+                lambda: CollectProtocol(loop), "127.0.0.1", port, ssl=client_ctx,
+                server_hostname=HOSTNAME, **(kw if has_it else {}))
+            assert tr.get_extra_info("ssl_object") is not None
+            tr.close()
+            await proto.done
+            assert proto.lost_exc is None
         finally:
             server.close()
             await server.wait_closed()
