@@ -444,6 +444,8 @@ def test_sendall_buffer_kept_until_final_completion(loop):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        del task        # on 3.10 a cancelled task keeps the CancelledError it caught, and
+                        # with it the traceback of sock_sendall's frame (which holds data)
         gc.collect()                               # the task and its frame are gone now
         if engine.stats().pinned_objects:          # the send's final completion is to come
             assert ref() is not None, "released before the kernel was done with it"
