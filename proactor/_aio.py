@@ -352,6 +352,11 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             return
         conn = self._conn
         queued = _px_send(conn._r, conn._slot, conn._gen, data, len(data))
+        if queued < 0:
+            # Not queued (no memory for the copy, or the connection has failed): what
+            # is written after it must not go out without it.
+            self._force_close(os_error(queued, "send"))
+            return
         if queued > self._high_water and not self._protocol_paused:
             # Judge after the ring's next turn: the kernel may take it all at once (a
             # selector loop's write() tries the socket first, too).

@@ -767,6 +767,95 @@ def test_protocol_exception_reaches_handler(loop, loop_errors):
     run(loop, main())
 
 
+def _address_space_in_use() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def test_write_that_cannot_be_queued_is_not_skipped(loop):
+    """A write whose bytes cannot be queued (here the copy's memory cannot be had: an
+    address-space limit, RLIMIT_AS, is in force during that one write()) must not be
+    skipped while later writes go out: the peer gets a prefix of everything written, in
+    order, and if it does not get all of it the writer was told (write() raised, or
+    connection_lost got OSError ENOMEM of "send")."""
+    import errno
+    import resource
+
+    big = 128 * MiB                       # the refused write
+    headroom = 32 * MiB                   # what the process may map beyond its size
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and hard < _address_space_in_use() + 4 * big:
+        pytest.skip(f"RLIMIT_AS hard limit {hard} is too low for this test")
+    first = b"A" * big
+    second = b"B" * 1000
+    told: list = []
+
+    class Writer(asyncio.Protocol):
+        def connection_made(self, transport):
+            resource.setrlimit(resource.RLIMIT_AS,
+                               (_address_space_in_use() + headroom, hard))
+            try:
+                transport.write(first)
+            except MemoryError as e:       # asyncio's own loop may refuse it right here
+                told.append(e)
+                transport.abort()
+                return
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            transport.write(second)
+            transport.close()
+
+        def connection_lost(self, exc):
+            if exc is not None:
+                told.append(exc)
+            lost.set_result(None)
+
+    lost = loop.create_future()
+    got = {"A": 0, "B": 0, "order": True}
+
+    def read_all(sock):
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        with sock:
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except ConnectionResetError:
+                    return
+                if not n:
+                    return
+                chunk = view[:n]
+                a = n - len(bytes(chunk).lstrip(b"A"))
+                if got["B"] or (a < n and got["A"] + a < big):
+                    got["order"] = got["order"] and got["A"] + a == big
+                got["A"] += a
+                got["B"] += n - a
+
+    async def main():
+        server = await loop.create_server(Writer, "127.0.0.1", 0)
+        try:
+            peer = socket.create_connection(server.sockets[0].getsockname(), timeout=15)
+            reader = threading.Thread(target=read_all, args=(peer,))
+            reader.start()
+            await loop.run_in_executor(None, reader.join, 15)
+            assert not reader.is_alive()
+            await lost
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+    assert got["order"], f"the second write went out without the first: {got}"
+    if got["A"] + got["B"] < big + len(second):
+        assert told, f"the stream was cut ({got}) and the writer was not told"
+        exc = told[0]
+        assert isinstance(exc, MemoryError) or (
+            isinstance(exc, OSError) and exc.errno == errno.ENOMEM and "send" in str(exc)), exc
+
+
 async def echo_check(loop):
     server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
     try:
