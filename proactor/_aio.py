@@ -707,9 +707,21 @@ class ProactorEventLoop(base_events.BaseEventLoop):
             resolved = await self._ensure_resolved(address, family=sock.family,
                                                    type=sock.type, proto=sock.proto, loop=self)
             address = resolved[0][4]
-        fut, op = _future_from_op(self, lambda cb: self._ring().connect(
-            sock.fileno(), address, cb, family=sock.family))
-        await _await_op(fut, op)
+        # connect() here, in the task's first step, as a selector loop does: the SYN is
+        # out before the caller's next step (a connect request would wait for the ring's
+        # next turn). Then wait for writability, and read the outcome in SO_ERROR.
+        try:
+            sock.connect(address)
+            return
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            await self._wait_fd(sock.fileno(), select.POLLOUT)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                return
+            if err not in (errno.EINPROGRESS, errno.EALREADY, errno.EINTR):
+                raise OSError(err, f"Connect call failed {address}")
 
     async def sock_accept(self, sock: socket.socket) -> tuple:
         self._check_sock(sock)

@@ -141,6 +141,40 @@ def test_sock_connect_refused(loop):
         sock.close()
 
 
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_sock_connect_starts_at_once(loop, family, tmp_path):
+    """sock_connect() calls connect() in the task's first step, as asyncio's loop does:
+    a caller that then blocks the loop's thread (a blocking accept() of a thread-based
+    peer, say) finds the connection there, instead of waiting for a loop turn that
+    cannot come."""
+    if family == "tcp":
+        lsock = socket.create_server(("127.0.0.1", 0))
+        addr = lsock.getsockname()
+        client = nonblocking(socket.socket())
+    else:
+        addr = str(tmp_path / "c.sock")
+        lsock = socket.socket(socket.AF_UNIX)
+        lsock.bind(addr)
+        lsock.listen(1)
+        client = nonblocking(socket.socket(socket.AF_UNIX))
+    lsock.settimeout(5)
+
+    async def main():
+        connect = asyncio.ensure_future(loop.sock_connect(client, addr))
+        await asyncio.sleep(0)               # the task's first step has run
+        try:
+            conn, _ = lsock.accept()         # blocks the loop's thread
+        except socket.timeout:
+            raise AssertionError("sock_connect() had not connected when it yielded") from None
+        await connect
+        with conn:
+            await loop.sock_sendall(client, b"hi")
+            assert conn.recv(10) == b"hi"
+
+    with lsock, client:
+        run(loop, main())
+
+
 def test_cancel_pending_sock_recv(loop):
     """A cancelled sock_recv: the task is cancelled, no data is lost, the loop and the
     socket go on working."""
