@@ -39,6 +39,7 @@ import inspect
 import logging
 import os
 import select
+import selectors
 import signal
 import socket
 import threading
@@ -149,8 +150,15 @@ class _RingSelector:
     def close(self) -> None:
         pass
 
-    def get_key(self, fd: int) -> Any:
-        raise KeyError(fd)                     # nothing is registered by readiness here
+    def get_key(self, fd: int) -> selectors.SelectorKey:
+        """What is watched on ``fd`` by add_reader/add_writer (asyncio's pipe transports
+        ask, for their repr)."""
+        ent = self._loop._watches.get(fd)
+        if ent is None:
+            raise KeyError(fd)
+        events = ((selectors.EVENT_READ if ent[0] is not None else 0)
+                  | (selectors.EVENT_WRITE if ent[1] is not None else 0))
+        return selectors.SelectorKey(fd, fd, events, None)
 
 
 class _UringTransport(transports._FlowControlMixin, transports.Transport):
@@ -552,6 +560,7 @@ class ProactorEventLoop(base_events.BaseEventLoop):
             self._epoll.close()
             self._epoll = None
         self._watches.clear()
+        self._selector = None                  # as a selector loop: reprs say 'open'
         super().close()
 
     def _close_engine(self) -> None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
+import warnings
 
 import pytest
 
@@ -114,3 +116,34 @@ def test_pipe_pair_read_and_write(loop):
         rtr.close()
 
     run(loop, main())
+
+
+def test_pipe_transport_repr_while_running_and_after_close(loop):
+    """A pipe transport's repr says what the loop does with its fd: 'polling' while its
+    reader is registered, 'idle' otherwise, and 'open' (not 'polling') once the loop is
+    closed, as with asyncio's loop (CPython's test_unclosed_pipe_transport)."""
+    requires(loop, "pipes")
+    r, w = os.pipe()
+    rfile = os.fdopen(r, "rb", buffering=0)
+    wfile = os.fdopen(w, "wb", buffering=0)
+
+    async def main():
+        rtr, _ = await loop.connect_read_pipe(lambda: ReadPipeProto(loop), rfile)
+        wtr, _ = await loop.connect_write_pipe(asyncio.Protocol, wfile)
+        return rtr, wtr
+
+    rtr, wtr = run(loop, main())
+    assert "polling" in repr(rtr), repr(rtr)
+    assert "idle" in repr(wtr), repr(wtr)
+    rtr.pause_reading()
+    assert "idle" in repr(rtr), repr(rtr)
+    rtr.resume_reading()
+    loop.close()
+    assert "open" in repr(rtr) and "polling" not in repr(rtr), repr(rtr)
+    assert "open" in repr(wtr) and "polling" not in repr(wtr), repr(wtr)
+    # unclosed on a closed loop: collecting them warns and closes the pipe ends
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del rtr, wtr
+        gc.collect()
+    assert rfile.closed and wfile.closed
