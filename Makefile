@@ -115,6 +115,13 @@ sanitize: deps $(SAN_DIR)/.built
 bench-deps: $(VENV)/.installed-bench
 	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update && $(APT_INSTALL) nginx; }
 
+# CPython's own event-loop tests (test_asyncio.test_events) on asyncio's loop, then on
+# proactor's; one difference is allowed: test_internal_fds checks the selector loop's
+# self-pipe and skips itself on any other loop.
+.PHONY: cpython-asyncio
+cpython-asyncio: deps $(STAMP)
+	$(PY) tools/cpython_asyncio.py --allow 1
+
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 
