@@ -180,7 +180,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._lost = False
         self._eof = False
         self._paused = False
-        self._made = False                 # protocol.connection_made has run
+        self._made = False                 # connection_made has run, data may follow
         self._hold = True                  # not made yet, or paused: keep what is read
         self._held: list = []              # ... here, delivered in order later
         self._held_eof = False
@@ -211,8 +211,22 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             self._loop.call_soon(_set_result_unless_cancelled, self._waiter, None)
 
     def _call_connection_made(self) -> None:
+        try:
+            self._protocol.connection_made(self)
+        finally:
+            # A selector loop's first read comes a turn after connection_made, behind
+            # what was scheduled until then: the tasks connection_made started, and
+            # create_connection's caller, resumed by the waiter (so it has the transport
+            # before data_received). What the ring read meanwhile is held until then.
+            waiter = self._waiter
+            self._waiter = None
+            if waiter is not None and not waiter.done():
+                waiter.add_done_callback(self._start_delivering)
+            else:
+                self._loop.call_soon(self._start_delivering, None)
+
+    def _start_delivering(self, waiter: Optional[asyncio.Future]) -> None:
         self._made = True
-        self._protocol.connection_made(self)
         if not self._paused:
             self._deliver_held()
 

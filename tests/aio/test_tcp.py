@@ -978,6 +978,68 @@ def test_client_connection_made_before_data(loop):
     run(loop, main())
 
 
+def test_create_connection_returns_before_data_received(loop):
+    """Data waiting in the socket before the transport exists reaches the protocol only
+    after create_connection() has returned to its caller (a selector loop's first read
+    comes a turn after connection_made): a protocol may use what the caller got."""
+    a, b = socket.socketpair()
+    b.sendall(b"already there")
+    caller: dict = {}
+
+    class Client(CollectProtocol):
+        def data_received(self, data):
+            self.caller_had_transport = "transport" in caller
+            super().data_received(data)
+
+    async def main():
+        a.setblocking(False)
+        tr, proto = await loop.create_connection(lambda: Client(loop), sock=a)
+        caller["transport"] = tr
+        await wait_for_condition(lambda: proto.data == b"already there")
+        assert proto.caller_had_transport
+        tr.close()
+        await proto.done
+
+    with b:
+        run(loop, main())
+
+
+def test_tasks_of_connection_made_run_before_data_received(loop):
+    """On an accepted connection whose data came before the accept, a task started in
+    connection_made takes its first step before data_received (as with a selector loop,
+    whose first read is queued behind it)."""
+    order = []
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+            async def setup():
+                order.append("task")
+
+            self.task = loop.create_task(setup())
+
+        def data_received(self, data):
+            order.append("data")
+            self.transport.close()
+
+    async def main():
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        try:
+            # connected and sent without yielding: the loop accepts a connection whose
+            # data is there already
+            with socket.create_connection(server.sockets[0].getsockname()) as c:
+                c.sendall(b"early")
+                await wait_for_condition(lambda: "data" in order)
+                assert c.recv(10) == b""
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert order == ["task", "data"]
+
+    run(loop, main())
+
+
 def test_blocking_peer_thread_with_transport(loop):
     """A thread-side blocking server and a loop-side client, streaming both ways."""
     data = payload(2 * MiB)
