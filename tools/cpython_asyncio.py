@@ -30,7 +30,17 @@ import time
 import unittest
 from typing import Any
 
-CLASS = "EPollEventLoopTests"
+#: module of test.test_asyncio -> (its class for a selector loop on Linux, the method
+#: of that class that makes the loop)
+SUITES = {
+    "test_events": ("EPollEventLoopTests", "create_event_loop"),
+    "test_sock_lowlevel": ("EPollEventLoopTests", "create_event_loop"),
+    "test_sendfile": ("EPollEventLoopTests", "create_event_loop"),
+    "test_buffered_proto": ("BufferedProtocolSelectorTests", "new_loop"),
+    "test_server": ("SelectorStartServerTests", "new_loop"),
+    "test_sslproto": ("SelectorStartTLSTests", "new_loop"),
+    "test_ssl": ("TestSSL", "new_loop"),
+}
 #: A test that takes longer than this fails (a hang is a failure, not a wait) ...
 TEST_TIMEOUT = 60
 #: ... and a whole run that takes longer than this is stopped.
@@ -51,19 +61,20 @@ def _timed_out(signum: int, frame: Any) -> None:
 
 def load(loop: str, modules: list[str], pattern: str | None
          ) -> tuple[unittest.TestSuite | None, str]:
-    """The suite of ``CLASS`` of each module on ``loop``, or None and the reason it
-    cannot run."""
+    """The suite of each module's selector-loop class on ``loop``, or None and the
+    reason it cannot run."""
     import importlib
 
     suite = unittest.TestSuite()
     for name in modules:
+        clsname, factory = SUITES[name]
         try:
             mod = importlib.import_module(f"test.test_asyncio.{name}")
         except ImportError as e:
             return None, f"this Python has no test.test_asyncio.{name} ({e})"
-        base = getattr(mod, CLASS, None)
+        base = getattr(mod, clsname, None)
         if base is None:
-            return None, f"{name} has no {CLASS} here"
+            return None, f"{name} has no {clsname} here"
         cls = base
         if loop == "proactor":
             import proactor
@@ -73,15 +84,12 @@ def load(loop: str, modules: list[str], pattern: str | None
             if choice.backend != "uring":
                 return None, f"io_uring is unavailable here: {choice}"
 
-            class ProactorLoopTests(base):  # type: ignore[misc, valid-type]
-                def create_event_loop(self) -> Any:
-                    global LOOPS_MADE
-                    LOOPS_MADE += 1
-                    return proactor.ProactorEventLoop()
+            def make_loop(self: Any) -> Any:
+                global LOOPS_MADE
+                LOOPS_MADE += 1
+                return proactor.ProactorEventLoop()
 
-            ProactorLoopTests.__name__ = ProactorLoopTests.__qualname__ = CLASS
-            ProactorLoopTests.__module__ = base.__module__
-            cls = ProactorLoopTests
+            cls = type(clsname, (base,), {factory: make_loop, "__module__": base.__module__})
         suite.addTests(unittest.TestLoader().loadTestsFromTestCase(cls))
     if pattern:
         suite = unittest.TestSuite(t for t in suite if pattern in t.id())
@@ -195,19 +203,20 @@ def main() -> int:
                     help="tests that may pass on asyncio's loop and not on ours (default 0)")
     ap.add_argument("--show", action="store_true", help="print the tracebacks of those tests")
     ap.add_argument("-k", dest="pattern", help="only tests whose id contains this")
-    ap.add_argument("--module", action="append", dest="modules", metavar="NAME",
-                    help="a module of test.test_asyncio with an EPollEventLoopTests class "
-                         "(repeatable; default: test_events; test_sock_lowlevel and "
-                         "test_sendfile have one too)")
+    ap.add_argument("--module", action="append", dest="modules", choices=[*SUITES, "all"],
+                    help="a module of test.test_asyncio (repeatable; default: test_events; "
+                         "'all': every one listed)")
     ap.add_argument("--child", choices=["asyncio", "proactor"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     modules = args.modules or ["test_events"]
+    if "all" in modules:
+        modules = list(SUITES)
     if args.child:
         return child(args.child, modules, args.pattern, args.out)
 
-    names = ", ".join(f"test.test_asyncio.{m}.{CLASS}" for m in modules)
-    print(f"CPython {sys.version.split()[0]}: {names}")
+    names = ", ".join(f"{m}.{SUITES[m][0]}" for m in modules)
+    print(f"CPython {sys.version.split()[0]}, test.test_asyncio: {names}")
     reports = {}
     for loop in ("asyncio", "proactor"):
         rep = run_child(loop, modules, args.pattern)
