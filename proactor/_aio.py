@@ -267,6 +267,8 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._on(conn, data)
 
     def eof_received(self, conn: Any) -> None:
+        if self._closing:
+            return                             # closed by the user: reading has stopped
         if self._hold:
             self._held_eof = True
             return
@@ -286,6 +288,13 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         if self._sock is not None:
             self._sock.detach()                # the fd is closed already
+        self._lose_soon(exc)
+
+    def _lose_soon(self, exc: Optional[BaseException]) -> None:
+        """Schedule the protocol's connection_lost (once). Also called by close() with
+        nothing left to send, abort() and _force_close(), as a selector loop does: the
+        protocol is told at once, while the engine still owns the fd and every buffer of
+        the connection until its final completions."""
         if not self._lost:
             self._lost = True
             self._loop.call_soon(self._call_connection_lost, exc)
@@ -432,14 +441,18 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             return
         self._closing = True
         self._held.clear()                     # no data_received after close()
-        if self._conn is not None:
-            self._conn.close()                 # queued data goes out first
+        conn = self._conn
+        if conn is not None:
+            conn.close()                       # queued data goes out first
+            if not conn.get_write_buffer_size():
+                self._lose_soon(None)
 
     def abort(self) -> None:
         self._closing = True
         self._held.clear()
         if self._conn is not None:
             self._conn.abort()
+            self._lose_soon(None)
 
     def _force_close(self, exc: Optional[BaseException]) -> None:
         """Used by sslproto: close now; ``exc`` goes to connection_lost."""
@@ -450,6 +463,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
                 self._conn._fail(exc)
             else:
                 self._conn.abort()
+            self._lose_soon(exc)
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,

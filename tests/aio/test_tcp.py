@@ -410,6 +410,34 @@ def test_close_calls_connection_lost_once(loop):
     run(loop, main())
 
 
+@pytest.mark.parametrize("how", ["close", "abort"])
+def test_connection_lost_at_the_next_turn(loop, how):
+    """close() with nothing left to send, and abort(), call connection_lost at the next
+    loop turn, as a selector loop does (the protocol, and whatever it holds, is let go
+    then: CPython's test_create_connection_memory_leak checks that of an SSL client).
+    Nothing is delivered after close()."""
+    async def main():
+        server = await loop.create_server(EchoServerProtocol, "127.0.0.1", 0)
+        try:
+            tr, proto = await loop.create_connection(lambda: CollectProtocol(loop),
+                                                     *server.sockets[0].getsockname())
+            tr.write(b"echo me")
+            await wait_for_condition(lambda: proto.data == b"echo me")
+            tr.write(b"and me")                     # echoed after the close: dropped
+            await asyncio.sleep(0)
+            getattr(tr, how)()
+            await asyncio.sleep(0)
+            assert proto.lost == 1 and proto.lost_exc is None
+            assert tr.get_protocol() is None
+            await asyncio.sleep(0.05)
+            assert proto.lost == 1 and proto.data == b"echo me" and not proto.eof
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
 def test_close_flushes_buffered_data(loop):
     """close() with a large pending write: everything is sent before the FIN."""
     data = payload(4 * MiB + 1)
