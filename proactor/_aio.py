@@ -1,4 +1,4 @@
-"""A drop-in asyncio event loop on proactor's io_uring engine (work in progress).
+"""A drop-in asyncio event loop on proactor's io_uring engine.
 
 How it fits together
 ====================
