@@ -176,8 +176,10 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._conn: Any = None
         self._server = server
         self._waiter = waiter
-        self._closing = False
-        self._lost = False
+        self._closing = False              # is_closing(): closed by either side
+        self._deaf = False                 # closed by the user: nothing more delivered
+        self._lost = False                 # connection_lost is scheduled
+        self._loss: Optional[tuple] = None   # (exc,): lost while data was still held
         self._eof = False
         self._paused = False
         self._made = False                 # connection_made has run, data may follow
@@ -267,7 +269,7 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._on(conn, data)
 
     def eof_received(self, conn: Any) -> None:
-        if self._closing:
+        if self._deaf:
             return                             # closed by the user: reading has stopped
         if self._hold:
             self._held_eof = True
@@ -288,6 +290,13 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         self._closing = True
         if self._sock is not None:
             self._sock.detach()                # the fd is closed already
+        if (self._held or self._held_eof) and not self._deaf:
+            # Received before it was lost, and held (the protocol was paused, or not
+            # ready yet): nothing received is lost, so connection_lost comes after it,
+            # once it is delivered (as a paused selector transport learns of a reset
+            # only when it reads again).
+            self._loss = (exc,)
+            return
         self._lose_soon(exc)
 
     def _lose_soon(self, exc: Optional[BaseException]) -> None:
@@ -331,27 +340,29 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         return not (self._paused or self._closing)
 
     def pause_reading(self) -> None:
-        if self._closing or self._paused:
+        if self._deaf or self._lost or self._paused:
             return
         self._paused = True
         self._hold = True
-        self._conn.pause_reading()
+        if not self._conn._closed:
+            self._conn.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._closing or not self._paused:
+        if self._deaf or self._lost or not self._paused:
             return
         self._paused = False
         if self._made:
-            if self._held or self._held_eof:
+            if self._held or self._held_eof or self._loss is not None:
                 self._loop.call_soon(self._deliver_held)   # still holding until then
             else:
                 self._hold = False
-        self._conn.resume_reading()
+        if not self._conn._closed:
+            self._conn.resume_reading()
 
     def _deliver_held(self) -> None:
         """Hand over what was held, in order; new data queues behind it until the held
         queue is empty. Stops if the protocol pauses again."""
-        while self._held and not self._paused and not self._lost and not self._closing:
+        while self._held and not self._paused and not self._deaf:
             data = self._held.pop(0)
             self._hold = False
             try:
@@ -359,10 +370,13 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             finally:
                 self._hold = True
         self._hold = self._paused or not self._made
-        if (self._held_eof and not self._held and not self._hold and not self._lost
-                and not self._closing):
+        if self._held_eof and not self._held and not self._hold and not self._deaf:
             self._held_eof = False
             self.eof_received(self._conn)
+        if self._loss is not None and not self._hold and not self._held:
+            exc, = self._loss                  # the engine lost it meanwhile: now say so
+            self._loss = None
+            self._lose_soon(exc)
 
     def write(self, data: Any) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -436,11 +450,23 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
     def get_write_buffer_size(self) -> int:
         return self._conn.get_write_buffer_size() if self._conn is not None else 0
 
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+    def _go_deaf(self) -> bool:
+        """The user closes: nothing more is delivered. True if the engine had closed
+        the connection already (then connection_lost is scheduled here)."""
+        self._deaf = self._closing = True
         self._held.clear()                     # no data_received after close()
+        self._held_eof = False
+        if self._loss is not None:             # lost while data was held: tell it now
+            exc, = self._loss
+            self._loss = None
+            self._lose_soon(exc)
+        return self._lost
+
+    def close(self) -> None:
+        if self._deaf:
+            return
+        if self._go_deaf():
+            return
         conn = self._conn
         if conn is not None:
             conn.close()                       # queued data goes out first
@@ -448,16 +474,16 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
                 self._lose_soon(None)
 
     def abort(self) -> None:
-        self._closing = True
-        self._held.clear()
+        if self._go_deaf():
+            return
         if self._conn is not None:
             self._conn.abort()
             self._lose_soon(None)
 
     def _force_close(self, exc: Optional[BaseException]) -> None:
         """Used by sslproto: close now; ``exc`` goes to connection_lost."""
-        self._closing = True
-        self._held.clear()
+        if self._go_deaf():
+            return
         if self._conn is not None:
             if exc is not None:
                 self._conn._fail(exc)

@@ -796,6 +796,39 @@ def test_protocol_exception_reaches_handler(loop, loop_errors):
     run(loop, main())
 
 
+@pytest.mark.parametrize("paused", [False, True], ids=["reading", "paused"])
+def test_data_before_a_reset_is_delivered_before_connection_lost(loop, paused):
+    """Bytes that arrived before the peer's reset reach the protocol, in order, before
+    connection_lost(ConnectionResetError), also when they were there before the
+    transport existed, and when the protocol pauses reading until after the reset (it
+    hears of the reset once it has read them, as with a selector loop)."""
+    import struct
+    import time
+
+    data = payload(100_000)
+
+    async def main():
+        with socket.create_server(("127.0.0.1", 0)) as lsock:
+            peer = socket.create_connection(lsock.getsockname())
+            sock, _ = lsock.accept()
+        peer.sendall(data)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()                               # a reset, after the data
+        time.sleep(0.05)                           # both are in the socket
+        sock.setblocking(False)
+        tr, proto = await loop.create_connection(lambda: CollectProtocol(loop), sock=sock)
+        if paused:
+            tr.pause_reading()
+            await asyncio.sleep(0.1)               # the loop runs; the protocol waits
+            assert proto.lost == 0 and bytes(proto.data) == data[:len(proto.data)]
+            tr.resume_reading()
+        exc = await proto.done
+        assert isinstance(exc, ConnectionResetError), exc
+        assert len(proto.data) == len(data) and bytes(proto.data) == data
+
+    run(loop, main())
+
+
 def _address_space_in_use() -> int:
     with open("/proc/self/status") as f:
         for line in f:
