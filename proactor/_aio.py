@@ -398,9 +398,13 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
         conn = self._conn
         queued = _px_send(conn._r, conn._slot, conn._gen, data, len(data))
         if queued < 0:
-            # Not queued (no memory for the copy, or the connection has failed): what
-            # is written after it must not go out without it.
-            self._force_close(os_error(queued, "send"))
+            # Not queued. No memory for the copy: what is written after it must not go
+            # out without it, so the connection fails (connection_lost gets ENOMEM of
+            # "send"). Else it is failing already (the peer has gone, a send failed)
+            # and connection_lost will say why. Either way the bytes are dropped and
+            # counted, and what was received before still comes.
+            self._closing = True
+            conn._not_queued(queued, len(data))
             return
         if queued > self._high_water and not self._protocol_paused:
             # Judge after the ring's next turn: the kernel may take it all at once (a
@@ -462,26 +466,33 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
             self._lose_soon(exc)
         return self._lost
 
+    # close(), abort(), _force_close(): connection_lost comes at the next turn, as with a
+    # selector loop; but on a connection that is failing already (a write was refused),
+    # the engine's connection_lost tells why, once it has closed.
     def close(self) -> None:
         if self._deaf:
             return
+        failing = self._closing
         if self._go_deaf():
             return
         conn = self._conn
         if conn is not None:
             conn.close()                       # queued data goes out first
-            if not conn.get_write_buffer_size():
+            if not failing and not conn.get_write_buffer_size():
                 self._lose_soon(None)
 
     def abort(self) -> None:
+        failing = self._closing and not self._deaf
         if self._go_deaf():
             return
         if self._conn is not None:
             self._conn.abort()
-            self._lose_soon(None)
+            if not failing:
+                self._lose_soon(None)
 
     def _force_close(self, exc: Optional[BaseException]) -> None:
         """Used by sslproto: close now; ``exc`` goes to connection_lost."""
+        failing = self._closing and not self._deaf
         if self._go_deaf():
             return
         if self._conn is not None:
@@ -489,7 +500,8 @@ class _UringTransport(transports._FlowControlMixin, transports.Transport):
                 self._conn._fail(exc)
             else:
                 self._conn.abort()
-            self._lose_soon(exc)
+            if not failing:
+                self._lose_soon(exc)
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,
