@@ -115,12 +115,14 @@ sanitize: deps $(SAN_DIR)/.built
 bench-deps: $(VENV)/.installed-bench
 	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update && $(APT_INSTALL) nginx; }
 
-# CPython's own event-loop tests (test_asyncio.test_events) on asyncio's loop, then on
-# proactor's; one difference is allowed: test_internal_fds checks the selector loop's
-# self-pipe and skips itself on any other loop.
+# CPython's own event-loop tests (test_asyncio's test_events, and with the default
+# CPYTHON_MODULES=all its socket, sendfile, buffered-protocol, server and TLS tests) on
+# asyncio's loop, then on proactor's; one difference is allowed: test_internal_fds checks
+# the selector loop's self-pipe and skips itself on any other loop.
+CPYTHON_MODULES ?= all
 .PHONY: cpython-asyncio
 cpython-asyncio: deps $(STAMP)
-	$(PY) tools/cpython_asyncio.py --allow 1
+	$(PY) tools/cpython_asyncio.py --allow 1 --module $(CPYTHON_MODULES)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

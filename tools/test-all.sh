@@ -6,6 +6,7 @@
 #   SKIP          versions to leave out (e.g. the one `make test` has just run)
 #   REQUIRE_ALL=1 fail when a supported version is not found (CI sets it)
 #   PYTEST_ARGS   passed to pytest, as with `make test`
+#   CPYTHON_ASYNCIO=0  leaves out `make cpython-asyncio` (run after the suite by default)
 #
 # An interpreter for 3.X is python3.X on PATH, else the newest pyenv build of 3.X
 # ($PYENV_ROOT/versions/3.X.*, PYENV_ROOT defaulting to ~/.pyenv).
@@ -31,6 +32,7 @@ find_python() {
 
 summary=()
 status=0
+cpy=""
 for v in $SUPPORTED; do
     case " $SKIP " in *" $v "*) continue ;; esac
     if ! py=$(find_python "$v"); then
@@ -43,9 +45,16 @@ for v in $SUPPORTED; do
     start=$(date +%s)
     make test PYTHON="$py" VENV=".venv-$v" PYTEST_ARGS="${PYTEST_ARGS:-}" </dev/null 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
-    secs=$(( $(date +%s) - start ))
     result=$(grep -E '^=*.* (passed|failed|error)' "$log" | tail -n 1 | sed -e 's/=//g' -e 's/^ *//')
-    summary+=("$v: ${result:-no result (rc $rc)}, ${secs} s in all")
+    if [ "${CPYTHON_ASYNCIO:-1}" = 1 ]; then
+        # CPython's own asyncio tests on proactor's loop (tools/cpython_asyncio.py)
+        make cpython-asyncio PYTHON="$py" VENV=".venv-$v" </dev/null 2>&1 | tee -a "$log"
+        crc=${PIPESTATUS[0]}
+        cpy=$(grep -E '^  proactor ' "$log" | tail -n 1 | sed -e 's/^  proactor *//' -e 's/ in [0-9.]* s.*//')
+        if [ "$crc" != 0 ]; then rc=$crc; fi
+    fi
+    secs=$(( $(date +%s) - start ))
+    summary+=("$v: ${result:-no result (rc $rc)}; CPython's asyncio tests on proactor's loop: ${cpy:-not run}; ${secs} s in all")
     if [ "$rc" != 0 ]; then status=1; fi
 done
 
