@@ -170,6 +170,7 @@ SOURCE = r"""
 
 #define PX_BGID 0
 #define PX_IOV_MAX 64
+#define PX_MSHOT_LOOPS 32                  /* the kernel's MULTISHOT_MAX_RETRY */
 #define PX_MAX_EVENTS 4096
 #define PX_SEND_MAX ((size_t)1 << 30)          /* bytes per send request */
 #define PX_FILE_WINDOW ((size_t)128 << 10)      /* bytes of a queued file held at once */
@@ -237,6 +238,7 @@ struct px_conn {
     int next_free;
     int next_send;         /* the list of sends to issue at the next px_reap */
     int wait_prev, wait_next;   /* the list of recvs waiting for buffers */
+    int nrecv;             /* completions of the multishot recv armed last */
     struct iovec iov[PX_IOV_MAX];
     struct msghdr msg;
 };
@@ -512,6 +514,7 @@ static void arm_recv(struct px_ring *r, int slot)
     io_uring_sqe_set_data64(s, UD(PX_K_RECV, slot));
     c->flags |= C_RECV_ARMED;
     c->inflight++;
+    c->nrecv = 0;
 }
 
 /*
@@ -941,6 +944,12 @@ int px_close(struct px_ring *r, int slot, uint32_t gen, int how)
             cancel_recv(r, slot);                       /* stop reading now */
         c->flags |= C_CLOSING;
         c->flags &= ~C_READ;
+    } else if (abort && !(how & PX_CLOSE_DRAIN) && (c->flags & C_DRAIN_IN)) {
+        /* Draining, and now an abort that wants nothing more (the handler's abort(),
+         * the stop's deadline): the drain ends here. */
+        c->flags &= ~C_DRAIN_IN;
+        wait_remove(r, slot);
+        cancel_recv(r, slot);
     }
     if (abort) c->flags |= C_ABORT;
     if (abort == PX_CLOSE_RESET && !(c->flags & C_LISTENER)) c->flags |= C_RESET;
@@ -1020,6 +1029,16 @@ static void on_recv(struct px_ring *r, int slot, struct io_uring_cqe *cqe)
     int again = (c->flags & C_BUFWAIT) && res == -ENOBUFS;   /* re-armed, and no data */
     if (!more) { c->flags &= ~(C_RECV_ARMED | C_BUFWAIT); c->inflight--; }
     if (res > 0) c->flags &= ~C_BUFWAIT;
+    if (more && res > 0 && ++c->nrecv >= PX_MSHOT_LOOPS
+            && !(cqe->flags & IORING_CQE_F_SOCK_NONEMPTY)) {
+        /* A multishot recv that has read a backlog of PX_MSHOT_LOOPS buffers or more,
+         * down to the end, may go back to waiting for a wakeup that a reset received
+         * meanwhile has already given: it would never see the reset (kernel 6.18, with
+         * the kernel's 32-loop retry limit). A new recv checks at once: cancel it, and
+         * on_recv arms another. */
+        c->nrecv = 0;
+        cancel_recv(r, slot);
+    }
     if (cqe->flags & IORING_CQE_F_BUFFER) {
         unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
         /* The buffer goes back to the ring at the start of the next px_reap, after

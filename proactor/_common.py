@@ -596,8 +596,12 @@ class BaseConnection:
         raise NotImplementedError
 
     def when_drained(self, callback: Callable[[], Any]) -> None:
-        """Run ``callback()`` on the engine's thread once everything queued is sent."""
-        self._engine._in_loop(self._when_drained, callback)
+        """Run ``callback()`` on the engine's thread once everything queued is sent (or
+        the connection has closed). Not run if the engine has stopped."""
+        try:
+            self._engine._in_loop(self._when_drained, callback)
+        except EngineClosed:
+            pass                           # nothing runs any more, nothing is sent
 
     def _when_drained(self, callback: Callable[[], Any]) -> None:
         if self._closed or not self._want_drain():
@@ -623,7 +627,8 @@ class BaseConnection:
         already received (or queued for the worker pool) is held and comes, in order,
         after the resume."""
         self._user_paused = True
-        self._engine._in_loop(self._set_reading, False)
+        if not self._closed:
+            self._engine._in_loop(self._set_reading, False)
 
     def resume_reading(self) -> None:
         """Undo :meth:`pause_reading` (from any thread)."""
@@ -631,7 +636,8 @@ class BaseConnection:
             self._wpool.release(self)
         else:
             self._user_paused = False
-        self._engine._in_loop(self._set_reading, True)
+        if not self._closed:
+            self._engine._in_loop(self._set_reading, True)
 
     def _set_reading(self, on: bool) -> None:
         """Backend: stop (``on`` false) or restart reading for the user (engine's thread)."""
@@ -667,7 +673,8 @@ class BaseConnection:
         """Abort without silencing the handler: data already received is still delivered
         (before ``connection_lost``)."""
         self._closing = True
-        self._engine._in_loop(self._close_now, self._abort_how)
+        if not self._closed:
+            self._engine._in_loop(self._close_now, self._abort_how)
 
     def _close_now(self, abort: int) -> None:
         """Backend: stop reading and close, after the queued data if ``abort`` is
@@ -928,6 +935,8 @@ class BaseEngine:
     def _shutdown_pools(self) -> None:
         """Let every worker pool finish what is queued and join its threads, until the
         stop deadline (and a short grace for the last events: connection_lost)."""
+        if not self._stop_deadline:          # no stop(): the loop ended some other way
+            self._set_stop_deadline(self._stop_timeout)
         deadline = max(self._stop_deadline, time.monotonic()) + _POOL_GRACE
         busy = 0
         for p in self._pools:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import os
 import signal
@@ -196,6 +197,8 @@ class UringConnection(BaseConnection):
         self._engine._dropped(nbytes)
         if err == _ENOMEM:
             self._fail(os_error(err, "send"))
+        else:
+            self._closing = True      # failed in C (and draining): conn.closing tells it
 
     def _sendfile_now(self, fd: int, offset: int, count: int) -> None:
         if self._closed:
@@ -619,9 +622,11 @@ class UringEngine(BaseEngine):
             exc = None
         if c._drain_cbs:
             c._on_drained()
-        if c._held:                # received before it was lost: delivered first
-            c._user_paused = False
-            c._release_held()
+        held, c._held = c._held, None
+        if held:                   # received before it was lost: delivered first, all of
+            c._user_paused = False  # it (a pause now would hold it past connection_lost)
+            for kind, arg in held:
+                run_handler_event(c, kind, arg)      # nothing once _deaf
         self._deliver(c, LOST, exc)
 
     def _set_conn(self, slot: int, obj: Any) -> None:
@@ -901,6 +906,7 @@ class UringEngine(BaseEngine):
         if sd["phase"] == 2:
             if late and not sd.get("aborted"):
                 sd["aborted"] = True
+                sd["give_up"] = now + _GIVE_UP      # from the aborts, if they came late
                 for c in conns:
                     self._abort_at_deadline(c)
             listeners = any(isinstance(c, UringServer) for c in self._conns)
@@ -908,6 +914,7 @@ class UringEngine(BaseEngine):
                 sd["phase"] = 3
         if sd["phase"] == 3 and "cancelled" not in sd:
             sd["cancelled"] = True
+            sd["give_up"] = max(sd.get("give_up", 0.0), max(now, sd["deadline"]) + _GIVE_UP)
             for idx, op in list(self._ops.items()):
                 op._cancel_req = True
                 lib.px_op_cancel(self._r, idx)
@@ -920,7 +927,7 @@ class UringEngine(BaseEngine):
         # Requests cancelled (or connections aborted) complete within microseconds; one
         # that has not by then (a file read stuck in the kernel) is given up on: its
         # memory is kept, never freed (see the module docstring).
-        if now >= sd["deadline"] + _GIVE_UP:
+        if now >= sd.get("give_up", math.inf):
             logger.error("%d io_uring requests did not complete after cancel; their "
                          "memory is kept, not freed", lib.px_inflight(self._r))
             return True

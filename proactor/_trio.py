@@ -185,8 +185,6 @@ class _FileChunk:
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         return sock.send(data)
 _IOV_MAX = 64
-#: At most this many reads of what a failed connection had received (64 KiB each).
-_DRAIN_READS = 64
 #: connect_ex results that mean "in progress".
 _CONNECT_PENDING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN,
                     getattr(errno, "WSAEWOULDBLOCK", -1)}
@@ -277,7 +275,7 @@ class TrioConnection(BaseConnection):
                 if self._fail_exc is None:
                     self._fail_exc = os_error(e.errno or errno.EIO, "send")
                 self._aborted = True
-                eng._dropped(len(data))
+                self._closing = True     # conn.closing: sends are dropped from now on
                 eng._ready.append((self._abort, ()))
                 eng._wake_sched()
                 return
@@ -340,10 +338,6 @@ class TrioConnection(BaseConnection):
             ev.set()
 
     # -- closing
-    def _abort(self) -> None:
-        if not self._closed:
-            super()._abort()
-
     def _close_now(self, abort: int) -> None:
         if self._closed:
             return
@@ -717,14 +711,22 @@ class TrioEngine(BaseEngine):
         """``c`` failed (the peer's reset, a failed send): what the kernel had received
         before still reaches the handler, before ``connection_lost``. Reads what is
         there without waiting (a reset peer sends nothing more), pauses or not."""
-        recv = c._sock.recv
-        for _ in range(_DRAIN_READS):
+        sock = c._sock
+        # At most what the kernel can hold for it (SO_RCVBUF; Linux reports twice what
+        # was asked, for its overhead): a live peer cannot keep the drain going.
+        try:
+            left = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        except OSError:
+            left = 1 << 24
+        size = max(self._recv_size, 65536)
+        while left > 0:
             try:
-                data = recv(self._recv_size)     # the socket is non-blocking
+                data = sock.recv(min(size, left))    # the socket is non-blocking
             except OSError:              # EAGAIN: all read; or the reset itself
                 return
             if not data or c._deaf:
                 return
+            left -= len(data)
             self._ncompleted += 1
             self._received(c, p, data)
 

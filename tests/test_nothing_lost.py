@@ -196,3 +196,127 @@ def test_data_held_by_a_pause_is_delivered_when_the_peer_resets(engine, workers,
     exc = order[-1]
     assert isinstance(exc, (ConnectionResetError, BrokenPipeError)), repr(exc)
     assert order[:-1] == ["data"] * (len(order) - 1)
+
+
+@pytest.mark.parametrize("workers", [0, 4])
+@pytest.mark.parametrize("engine", [{"buffer_size": 1024}], indirect=True)
+def test_drain_of_many_buffers_after_a_failed_send(engine, workers):
+    got = bytearray()
+    lost = threading.Event()
+    excs: list = []
+    conns: list = []
+
+    class Pauser(proactor.Handler):
+        def connection_made(self, conn):
+            conns.append(conn)
+
+        def data_received(self, conn, data):
+            if not got:
+                conn.pause_reading()
+            got.extend(data)
+
+        def connection_lost(self, conn, exc):
+            excs.append(exc)
+            lost.set()
+
+    srv = engine.serve_tcp(Pauser, "127.0.0.1", 0, workers=workers)
+    payload = bytes(i % 251 for i in range(100_000))   # ~98 buffers of 1 KiB
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(payload[:1])
+        wait_until(lambda: got)
+        s.sendall(payload[1:])
+        wait_until(lambda: _outq(s) == 0, message="all of it in the server's kernel")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    time.sleep(0.05)
+    conns[0].send(b"reply")              # fails: the peer reset -> drain
+    assert lost.wait(10), f"no connection_lost; handler got {len(got)} bytes"
+    assert bytes(got) == payload, f"got {len(got)} of {len(payload)}"
+    assert isinstance(excs[0], (ConnectionResetError, BrokenPipeError)), excs
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_handler_that_pauses_again_gets_everything_before_connection_lost(engine, workers):
+    """Flow control one chunk at a time (pause in data_received, resume later). The ring
+    read ahead of the pause; the peer resets and a send fails: what was held still comes
+    before connection_lost, although the handler pauses again at the first of it."""
+    got = bytearray()
+    lost = threading.Event()
+    conns: list = []
+
+    class OneAtATime(proactor.Handler):
+        def connection_made(self, conn):
+            conns.append(conn)
+
+        def data_received(self, conn, data):
+            got.extend(data)
+            conn.pause_reading()
+            engine.call_later(0.5, conn.resume_reading)
+
+        def connection_lost(self, conn, exc):
+            lost.set()
+
+    srv = engine.serve_tcp(OneAtATime, "127.0.0.1", 0, workers=workers)
+    payload = bytes(i % 251 for i in range(100_000))
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(payload)
+        wait_until(lambda: _outq(s) == 0)
+        time.sleep(0.1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    time.sleep(0.05)
+    conns[0].send(b"reply")
+    assert lost.wait(10)
+    assert bytes(got) == payload, f"got {len(got)} of {len(payload)} before connection_lost"
+
+
+@pytest.mark.parametrize("end", ["rst", "fin"])
+@pytest.mark.parametrize("engine", [{"buffer_size": 2048}], indirect=True)
+def test_the_end_after_a_long_backlog_is_seen(engine, end):
+    """The peer sends more than 32 receive buffers' worth while the handler is paused,
+    then resets (or half-closes). Once reading resumes, everything arrives and then the
+    end does: the reset was never noticed on io_uring (a multishot recv that read a long
+    backlog went back to waiting for a wakeup the reset had already given)."""
+    got = bytearray()
+    ended: list = []
+    done = threading.Event()
+    conns: list = []
+
+    class Pauser(proactor.Handler):
+        def connection_made(self, conn):
+            conns.append(conn)
+
+        def data_received(self, conn, data):
+            if not got:
+                conn.pause_reading()
+            got.extend(data)
+
+        def eof_received(self, conn):
+            ended.append("eof")
+            conn.close()
+
+        def connection_lost(self, conn, exc):
+            ended.append(exc)
+            done.set()
+
+    srv = engine.serve_tcp(Pauser, "127.0.0.1", 0)
+    payload = bytes(i % 251 for i in range(100_000))      # 49 buffers of 2 KiB
+    with connect(("127.0.0.1", srv.port)) as s:
+        s.sendall(payload[:1])
+        wait_until(lambda: got, message="the first byte")
+        s.sendall(payload[1:])
+        wait_until(lambda: _outq(s) == 0, message="all of it in the server's kernel")
+        if end == "rst":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            s.shutdown(socket.SHUT_WR)
+            time.sleep(0.05)
+            conns[0].resume_reading()
+            assert done.wait(10), f"the EOF was not seen; got {len(got)} bytes"
+    if end == "rst":
+        time.sleep(0.05)
+        conns[0].resume_reading()
+        assert done.wait(10), f"the reset was not seen; got {len(got)} bytes"
+    assert bytes(got) == payload
+    if end == "rst":
+        assert isinstance(ended[-1], ConnectionResetError), ended
+    else:
+        assert ended == ["eof", None]
