@@ -68,6 +68,17 @@ def open_fds() -> set[int]:
     return fds
 
 
+def fill_fd_table(held: list) -> None:
+    """Open /dev/null until the fd limit is reached (EMFILE); the fds go into ``held``,
+    for the caller to close."""
+    while True:
+        try:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError as e:
+            assert e.errno == errno.EMFILE, e
+            return
+
+
 def describe_fds(fds: Iterable[int]) -> str:
     out = []
     for fd in sorted(fds):

@@ -150,6 +150,58 @@ def test_send_on_a_closed_connection_is_dropped_and_counted(engine, workers):
     assert engine.stats().bytes_dropped - before == 10
 
 
+class Pauser(proactor.Handler):
+    """Pauses reading at its first data; records what comes, and how it ends."""
+
+    def __init__(self) -> None:
+        self.conn = None
+        self.got = bytearray()
+        self.order: list = []            # "data", "eof", then connection_lost's exc
+        self.lost = threading.Event()
+
+    def connection_made(self, conn):
+        self.conn = conn
+
+    def data_received(self, conn, data):
+        if not self.got:
+            conn.pause_reading()
+        self.got.extend(data)
+        self.order.append("data")
+
+    def eof_received(self, conn):
+        self.order.append("eof")
+        conn.close()
+
+    def connection_lost(self, conn, exc):
+        self.order.append(exc)
+        self.lost.set()
+
+    def check(self, payload: bytes, timeout: float = 20) -> BaseException | None:
+        """Wait for connection_lost; everything must have come first, in order."""
+        assert self.lost.wait(timeout), f"no connection_lost; got {len(self.got)} bytes"
+        if bytes(self.got) != payload:
+            raise AssertionError(f"got {len(self.got)} of {len(payload)} bytes")
+        assert self.order.count("data") == len(self.order) - 1 - self.order.count("eof")
+        return self.order[-1]
+
+
+def _send_paused(port: int, h: list, payload: bytes, end: str) -> None:
+    """Send ``payload`` to a Pauser: the first byte, which pauses it, then the rest, all of
+    it into the server's kernel; then reset (``end`` "rst") or half-close ("fin")."""
+    s = connect(("127.0.0.1", port))
+    s.sendall(payload[:1])
+    wait_until(lambda: h and h[0].got, message="the first byte")
+    s.sendall(payload[1:])
+    wait_until(lambda: _outq(s) == 0, message="all of it in the server's kernel")
+    if end == "fin":
+        s.shutdown(socket.SHUT_WR)
+        h[0].peer = s                    # closed by the test once it is done
+    else:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    time.sleep(0.05)                     # the end has reached the server
+
+
 @pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("then", ["resume", "send"])
 def test_data_held_by_a_pause_is_delivered_when_the_peer_resets(engine, workers, then):
@@ -157,81 +209,30 @@ def test_data_held_by_a_pause_is_delivered_when_the_peer_resets(engine, workers,
     it), and the peer resets. A paused connection does not see the reset (as in asyncio)
     until it reads again ("resume") or a send fails ("send"); either way what was
     received is delivered, in order, before connection_lost - also while still paused."""
-    got = bytearray()
-    lost = threading.Event()
-    order: list = []
-    conns: list = []
-
-    class Pauser(proactor.Handler):
-        def connection_made(self, conn):
-            conns.append(conn)
-
-        def data_received(self, conn, data):
-            if not got:
-                conn.pause_reading()
-            got.extend(data)
-            order.append("data")
-
-        def connection_lost(self, conn, exc):
-            order.append(exc)
-            lost.set()
-
-    srv = engine.serve_tcp(Pauser, "127.0.0.1", 0, workers=workers)
+    h: list = []
+    srv = engine.serve_tcp(factory_collecting(Pauser, h), "127.0.0.1", 0, workers=workers)
     payload = bytes(range(256)) * 100    # all of it fits in the server's socket buffer
-    with connect(("127.0.0.1", srv.port)) as s:
-        s.sendall(payload[:1])
-        wait_until(lambda: got, message="the first byte")
-        s.sendall(payload[1:])
-        wait_until(lambda: _outq(s) == 0, message="everything delivered to the server")
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    time.sleep(0.05)                     # the reset has arrived
+    _send_paused(srv.port, h, payload, "rst")
     if then == "resume":
-        conns[0].resume_reading()
+        h[0].conn.resume_reading()
     else:
-        conns[0].send(bytes(1 << 20))    # fails: the peer has gone
-    assert lost.wait(20)
-    if bytes(got) != payload:
-        n = next((i for i in range(min(len(got), len(payload))) if got[i] != payload[i]), None)
-        raise AssertionError(f"got {len(got)} of {len(payload)} bytes; first difference at {n}")
-    exc = order[-1]
+        h[0].conn.send(bytes(1 << 20))   # fails: the peer has gone
+    exc = h[0].check(payload)
     assert isinstance(exc, (ConnectionResetError, BrokenPipeError)), repr(exc)
-    assert order[:-1] == ["data"] * (len(order) - 1)
 
 
 @pytest.mark.parametrize("workers", [0, 4])
 @pytest.mark.parametrize("engine", [{"buffer_size": 1024}], indirect=True)
 def test_drain_of_many_buffers_after_a_failed_send(engine, workers):
-    got = bytearray()
-    lost = threading.Event()
-    excs: list = []
-    conns: list = []
-
-    class Pauser(proactor.Handler):
-        def connection_made(self, conn):
-            conns.append(conn)
-
-        def data_received(self, conn, data):
-            if not got:
-                conn.pause_reading()
-            got.extend(data)
-
-        def connection_lost(self, conn, exc):
-            excs.append(exc)
-            lost.set()
-
-    srv = engine.serve_tcp(Pauser, "127.0.0.1", 0, workers=workers)
-    payload = bytes(i % 251 for i in range(100_000))   # ~98 buffers of 1 KiB
-    with connect(("127.0.0.1", srv.port)) as s:
-        s.sendall(payload[:1])
-        wait_until(lambda: got)
-        s.sendall(payload[1:])
-        wait_until(lambda: _outq(s) == 0, message="all of it in the server's kernel")
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    time.sleep(0.05)
-    conns[0].send(b"reply")              # fails: the peer reset -> drain
-    assert lost.wait(10), f"no connection_lost; handler got {len(got)} bytes"
-    assert bytes(got) == payload, f"got {len(got)} of {len(payload)}"
-    assert isinstance(excs[0], (ConnectionResetError, BrokenPipeError)), excs
+    """The same with ~98 receive buffers' worth in the kernel: the drain that follows the
+    failed send reads it all, and ends."""
+    h: list = []
+    srv = engine.serve_tcp(factory_collecting(Pauser, h), "127.0.0.1", 0, workers=workers)
+    payload = bytes(i % 251 for i in range(100_000))
+    _send_paused(srv.port, h, payload, "rst")
+    h[0].conn.send(b"reply")             # fails: the peer reset -> drain
+    exc = h[0].check(payload, timeout=10)
+    assert isinstance(exc, (ConnectionResetError, BrokenPipeError)), repr(exc)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -275,48 +276,17 @@ def test_the_end_after_a_long_backlog_is_seen(engine, end):
     then resets (or half-closes). Once reading resumes, everything arrives and then the
     end does: the reset was never noticed on io_uring (a multishot recv that read a long
     backlog went back to waiting for a wakeup the reset had already given)."""
-    got = bytearray()
-    ended: list = []
-    done = threading.Event()
-    conns: list = []
-
-    class Pauser(proactor.Handler):
-        def connection_made(self, conn):
-            conns.append(conn)
-
-        def data_received(self, conn, data):
-            if not got:
-                conn.pause_reading()
-            got.extend(data)
-
-        def eof_received(self, conn):
-            ended.append("eof")
-            conn.close()
-
-        def connection_lost(self, conn, exc):
-            ended.append(exc)
-            done.set()
-
-    srv = engine.serve_tcp(Pauser, "127.0.0.1", 0)
+    h: list = []
+    srv = engine.serve_tcp(factory_collecting(Pauser, h), "127.0.0.1", 0)
     payload = bytes(i % 251 for i in range(100_000))      # 49 buffers of 2 KiB
-    with connect(("127.0.0.1", srv.port)) as s:
-        s.sendall(payload[:1])
-        wait_until(lambda: got, message="the first byte")
-        s.sendall(payload[1:])
-        wait_until(lambda: _outq(s) == 0, message="all of it in the server's kernel")
-        if end == "rst":
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        else:
-            s.shutdown(socket.SHUT_WR)
-            time.sleep(0.05)
-            conns[0].resume_reading()
-            assert done.wait(10), f"the EOF was not seen; got {len(got)} bytes"
+    _send_paused(srv.port, h, payload, end)
+    try:
+        h[0].conn.resume_reading()
+        exc = h[0].check(payload, timeout=10)
+    finally:
+        if end == "fin":
+            h[0].peer.close()
     if end == "rst":
-        time.sleep(0.05)
-        conns[0].resume_reading()
-        assert done.wait(10), f"the reset was not seen; got {len(got)} bytes"
-    assert bytes(got) == payload
-    if end == "rst":
-        assert isinstance(ended[-1], ConnectionResetError), ended
+        assert isinstance(exc, ConnectionResetError), h[0].order[-3:]
     else:
-        assert ended == ["eof", None]
+        assert h[0].order[-2:] == ["eof", None]

@@ -10,7 +10,6 @@ clients are blocking sockets that read responses with h11.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import importlib.util
 import json
 import logging
@@ -32,6 +31,7 @@ import pytest
 from support import (
     closed_port,
     connect,
+    fill_fd_table,
     on_engine_thread,
     open_fds,
     recv_until_eof,
@@ -1142,12 +1142,7 @@ def test_no_fd_for_an_upstream_connection_waits_for_one(engine, make_upstream, m
         h.wait_stats(clients=2)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 16, hard))
-            while True:
-                try:
-                    held.append(os.open(os.devnull, os.O_RDONLY))
-                except OSError as e:
-                    assert e.errno == errno.EMFILE, e
-                    break
+            fill_fd_table(held)
             late.send(get_req("/late"))
             r = late.response()
             assert r.status == 503 and b"no fd came free" in r.body, r
@@ -1695,6 +1690,17 @@ def test_client_leaving_mid_response(engine, make_upstream, make_proxy):
     assert (st.discarded, st.failed, st.aborted) == (2, 0, 0)
 
 
+def _interrupt(p: subprocess.Popen) -> str:
+    """Stop the program as Ctrl-C does; its stderr (killed if it does not end)."""
+    p.send_signal(signal.SIGINT)
+    try:
+        return p.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise
+
+
 def test_script(backend, make_upstream):
     """The example as a program: prints 'listening on', proxies, serves its stats, answers
     a head that does not come in --header-timeout with 408, stops on SIGINT."""
@@ -1718,13 +1724,7 @@ def test_script(backend, make_upstream):
             assert time.monotonic() - t0 < 5          # not the default 10 s
         time.sleep(0.3)
     finally:
-        p.send_signal(signal.SIGINT)
-        try:
-            _, err = p.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
-            raise
+        err = _interrupt(p)
     assert p.returncode == 0, err
     assert "pool: created=1 reused=0" in err
 
@@ -1781,13 +1781,7 @@ def test_max_connections_fit_the_fd_limit(backend, make_upstream):
             for c in clients:
                 c.close()
     finally:
-        p.send_signal(signal.SIGINT)
-        try:
-            _, err = p.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
-            raise
+        err = _interrupt(p)
     assert p.returncode == 0, err
     assert f"the fd limit ({limit}) allows --max-connections {fit}, not 10000" in err, err
     assert "Too many open files" not in err and "accept on" not in err, err
