@@ -218,12 +218,17 @@ enum {
     C_DRAIN_IN = 131072,  /* failed: reading what the kernel holds, then it closes */
 };
 
-/* Reading is wanted, by a connection's flags: not paused (C_READ), or the connection
- * failed and what the kernel still holds for it must reach Python first (C_DRAIN_IN),
- * until its recv has seen the end (C_EOF). */
+/* By a connection's flags: it failed, and what the kernel still holds for it must reach
+ * Python before it closes (C_DRAIN_IN), until its recv has seen the end (C_EOF). */
+static inline int draining(uint32_t f)
+{
+    return (f & (C_DRAIN_IN | C_EOF)) == C_DRAIN_IN;
+}
+
+/* Reading is wanted: not paused (C_READ), or draining. */
 static inline int wants_read(uint32_t f)
 {
-    return (f & C_READ) || (f & (C_DRAIN_IN | C_EOF)) == C_DRAIN_IN;
+    return (f & C_READ) || draining(f);
 }
 
 struct px_conn {
@@ -687,7 +692,7 @@ static void conn_progress_close(struct px_ring *r, int slot)
     struct px_conn *c = CONN(r, slot);
     if (!(c->flags & C_CLOSING)) return;
     if (!(c->flags & C_ABORT) && c->head) return;      /* still flushing */
-    if ((c->flags & (C_DRAIN_IN | C_EOF)) == C_DRAIN_IN) {
+    if (draining(c->flags)) {
         /* Reading what the kernel holds: the recv ends by itself (SHUT_RD). A send or
          * file read in flight is cancelled (the recv too, and re-armed after it). */
         if (c->flags & C_SENDING) cancel_conn(r, slot);

@@ -39,6 +39,9 @@ _OFF_MAX = (1 << 63) - 1                      # the largest file offset (off_t)
 #: After stop()'s deadline, how long the workers may take for the last events (the
 #: aborted connections' connection_lost) before the engine stops waiting for them.
 _POOL_GRACE = 0.25
+#: After stop()'s deadline (or its aborts, if they came late), how long the shutdown waits
+#: for the final completions of what it cancelled and aborted before it gives up on them.
+_GIVE_UP = 0.2
 
 logger = logging.getLogger("proactor")
 

@@ -75,6 +75,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from ._common import (
+    _GIVE_UP,
     ABORT,
     DATA,
     EOF,
@@ -122,9 +123,6 @@ _KIND_NAMES = {1: "accept", 2: "recv", 3: "send", 4: "op", 8: "sendfile"}
 _leaked: list = []
 
 _get_ident = threading.get_ident
-#: How long after stop()'s deadline the shutdown waits for the final completions of what
-#: it cancelled and aborted, before it gives up on them (and keeps their memory).
-_GIVE_UP = 0.2
 #: Bytes one read/write/send/recv asks for at most: Linux's MAX_RW_COUNT. Larger buffers
 #: get a short transfer, as with os.read/os.write (the SQE's length is 32 bits).
 _RW_MAX = 0x7FFFF000
@@ -207,9 +205,9 @@ class UringConnection(BaseConnection):
             n = lib.px_sendfile(self._r, self._slot, self._gen, fd, offset, count)
         if n == _ENOMEM:
             raise os_error(n, "sendfile")      # nothing was queued; the fd is still ours
-        if n < 0:
-            os.close(fd)      # closing or failed: dropped, as send() does (connection_lost
-            self._engine._dropped(count)      # reports the failure)
+        if n < 0:             # closing or failed: dropped, as send() does (connection_lost
+            os.close(fd)      # reports the failure)
+            self._engine._dropped(count)
 
     def _queued_size(self) -> int:
         with self._engine._life_lock:       # another thread may be asking while it closes
@@ -912,13 +910,14 @@ class UringEngine(BaseEngine):
             listeners = any(isinstance(c, UringServer) for c in self._conns)
             if not conns and not listeners:
                 sd["phase"] = 3
-        if sd["phase"] == 3 and "cancelled" not in sd:
-            sd["cancelled"] = True
-            sd["give_up"] = max(sd.get("give_up", 0.0), max(now, sd["deadline"]) + _GIVE_UP)
-            for idx, op in list(self._ops.items()):
-                op._cancel_req = True
-                lib.px_op_cancel(self._r, idx)
         if sd["phase"] == 3:
+            if "cancelled" not in sd:
+                sd["cancelled"] = True
+                sd["give_up"] = max(sd.get("give_up", 0.0),
+                                    max(now, sd["deadline"]) + _GIVE_UP)
+                for idx, op in list(self._ops.items()):
+                    op._cancel_req = True
+                    lib.px_op_cancel(self._r, idx)
             if not sd.get("wake_stopped"):
                 sd["wake_stopped"] = lib.px_stop_wakeup(self._r) == 0   # again if SQ full
             if (lib.px_inflight(self._r) == 0 and not self._ops

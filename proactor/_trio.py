@@ -103,6 +103,7 @@ from typing import Any, Callable, Optional
 import trio
 
 from ._common import (
+    _GIVE_UP,
     DATA,
     EOF,
     LOST,
@@ -1434,7 +1435,7 @@ class TrioEngine(BaseEngine):
                 rec.scope.cancel()
             # A file operation runs in a thread, which cannot be interrupted: its buffer
             # is written until it returns, so the engine waits for it, however long.
-            hard = max(deadline, _monotonic()) + 0.2
+            hard = max(deadline, _monotonic()) + _GIVE_UP
             while self._ops and _monotonic() < hard:
                 await trio.sleep(0.01)
             if self._ops:
